@@ -1,0 +1,163 @@
+"""Reward functions: the built-ins, a loader for user rewards, and the weighted combiner.
+
+A reward is a plain function `fn(completions: list[str], **columns) -> list[float | None]`
+(TRL's convention). `columns` holds `prompts`, `answer` (the extracted gold answer) and every
+other dataset column; a reward takes what it needs and ignores the rest via `**_`. None means
+"not applicable": it counts as 0 in the weighted total and shows up as NaN in the raw scores.
+"""
+
+import difflib
+import importlib
+import importlib.util
+import logging
+import math
+import numbers
+from collections.abc import Callable
+from pathlib import Path
+
+from rewards.format import (
+    format_answer_line,
+    format_answer_line_partial,
+    format_think,
+    format_think_partial,
+)
+from rewards.gsm8k import gsm8k_correct
+
+logger = logging.getLogger(__name__)
+
+REGISTRY: dict[str, Callable] = {
+    "gsm8k_correct": gsm8k_correct,
+    "format_answer_line": format_answer_line,
+    "format_answer_line_partial": format_answer_line_partial,
+    "format_think": format_think,
+    "format_think_partial": format_think_partial,
+}
+
+
+class RewardError(Exception):
+    """A reward function failed or returned something that is not one score per completion."""
+
+
+def load_reward(spec: str) -> Callable:
+    """Resolve `spec` to a reward function: a `REGISTRY` name, `pkg.module:fn` or `file.py:fn`.
+
+    Raises ValueError with a one-line message naming the spec and what is wrong.
+    """
+    if spec in REGISTRY:
+        return REGISTRY[spec]
+    if ":" not in spec:
+        close = difflib.get_close_matches(spec, REGISTRY, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"reward '{spec}': unknown name (built-ins: {', '.join(REGISTRY)}; "
+            f"or use 'pkg.module:fn' / 'path/to/file.py:fn'){hint}"
+        )
+    where, _, attr = spec.rpartition(":")
+    module = _load_file(spec, where) if where.endswith(".py") else _import(spec, where)
+    if not hasattr(module, attr):
+        raise ValueError(f"reward '{spec}': '{where}' has no attribute '{attr}'")
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ValueError(f"reward '{spec}': '{attr}' is not callable (got {type(fn).__name__})")
+    return fn
+
+
+def _import(spec: str, name: str):
+    try:
+        return importlib.import_module(name)
+    except Exception as e:
+        raise ValueError(f"reward '{spec}': cannot import '{name}': {_one_line(e)}") from e
+
+
+def _load_file(spec: str, path: str):
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"reward '{spec}': file not found: {file.resolve()}")
+    # A private module name per path, so two files both called rewards.py don't collide.
+    module_spec = importlib.util.spec_from_file_location(
+        f"_rlkd_reward_{abs(hash(file.resolve()))}", file
+    )
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ValueError(f"reward '{spec}': error loading {file}: {_one_line(e)}") from e
+    return module
+
+
+def compute_rewards(
+    fns: dict[str, Callable],
+    weights: dict[str, float],
+    completions: list[str],
+    on_error: str = "raise",
+    **columns,
+) -> tuple[list[float], dict[str, list[float]], dict[str, int]]:
+    """Score `completions` with every reward in `fns` and combine them by `weights`.
+
+    Returns (weighted total per completion, raw scores per reward with None as NaN, error count
+    per reward). A missing weight means 1.0. A reward that raises, returns the wrong number of
+    scores, or returns a non-number (bools are fine, NaN/inf are not) raises RewardError, unless
+    `on_error="zero"`: then that reward scores 0.0 for the whole batch, and the error is logged
+    and counted.
+    """
+    if on_error not in ("raise", "zero"):
+        raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+    unknown = set(weights) - set(fns)
+    if unknown:
+        raise ValueError(f"weights name rewards that are not in fns: {sorted(unknown)}")
+    n = len(completions)
+    totals = [0.0] * n
+    raw: dict[str, list[float]] = {}
+    errors = dict.fromkeys(fns, 0)
+    for name, fn in fns.items():
+        try:
+            scores = _checked_scores(name, fn, completions, columns)
+        except RewardError as e:
+            if on_error == "raise":
+                raise
+            logger.warning("%s; scoring it 0 for this batch", e)
+            errors[name] += 1
+            scores = [0.0] * n
+        weight = weights.get(name, 1.0)
+        for i, score in enumerate(scores):
+            totals[i] += 0.0 if score is None else weight * score
+        raw[name] = [math.nan if s is None else s for s in scores]
+    return totals, raw, errors
+
+
+def _checked_scores(name: str, fn: Callable, completions: list[str], columns: dict):
+    try:
+        scores = fn(completions, **columns)
+    except Exception as e:
+        raise RewardError(f"reward '{name}' raised {_one_line(e)}") from e
+    if not isinstance(scores, (list, tuple)):
+        raise RewardError(f"reward '{name}' returned a {type(scores).__name__}, not a list")
+    if len(scores) != len(completions):
+        raise RewardError(
+            f"reward '{name}' returned {len(scores)} scores for {len(completions)} completions"
+        )
+    for i, score in enumerate(scores):
+        if score is None:
+            continue
+        if not _is_finite_number(score):
+            raise RewardError(f"reward '{name}' returned {_short_repr(score)} at index {i}")
+    return [None if s is None else float(s) for s in scores]
+
+
+def _is_finite_number(score) -> bool:
+    try:  # float() because huge ints overflow in math.isfinite
+        return isinstance(score, numbers.Real) and math.isfinite(float(score))
+    except OverflowError:
+        return False
+
+
+def _short_repr(value) -> str:
+    try:  # repr() refuses ints with more than 4300 digits
+        return repr(value)[:60]
+    except ValueError:
+        return f"a huge {type(value).__name__}"
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -1,0 +1,213 @@
+"""GSM8K loading, prompt formatting and the training prompt stream.
+
+`load_split` reads a split from a local jsonl/parquet file (or directory of them) or from the
+hub, validating every row into an `Example`; a bad row is a one-line `DataError` naming its
+file and line. `build_prompt` renders a question with the model's chat template, and
+`PromptSampler` hands out shuffled examples epoch after epoch, resumable from a checkpoint.
+"""
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+
+from rlkd.answer import gold_answer
+from rlkd.config import DataConfig
+
+logger = logging.getLogger("rlkd.data")
+
+HUB_PROBE_TIMEOUT_S = 5.0  # datasets retries an unreachable hub for ~25 s; we ask once
+_LOCAL_FORMATS = (".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str  # "<source>:<split>:<row index>", stable across runs and skip_bad_rows
+    question: str
+    answer: str  # gold final answer, as returned by gold_answer
+    rationale: str  # GSM8K's human solution before '####'
+
+
+class DataError(ValueError):
+    """A missing source or a malformed row; the message is one line naming where."""
+
+
+def load_split(cfg: DataConfig, split: str, limit: int = 0) -> list[Example]:
+    """Validated examples of `split` (all of them, or the first `limit`)."""
+    if cfg.path:
+        path = _resolve_local(Path(cfg.path).expanduser(), split)
+        # Ids use the folder name, not the full path, so they survive copying the data elsewhere.
+        source, split, origin = path.parent.name, path.stem, str(path)
+        rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _parquet_rows(path)
+    else:
+        source, origin = cfg.hub_id, f"{cfg.hub_id}:{split}"
+        rows = _hub_rows(cfg, split)
+    examples = _examples(rows, source, split, cfg.skip_bad_rows)
+    if not examples:
+        raise DataError(f"{origin}: no valid examples")
+    return examples[:limit] if limit > 0 else examples
+
+
+def _resolve_local(path: Path, split: str) -> Path:
+    if path.is_file():
+        if path.suffix not in _LOCAL_FORMATS:
+            raise DataError(f"{path}: unsupported file type; expected .jsonl or .parquet")
+        return path
+    if path.is_dir():
+        for suffix in _LOCAL_FORMATS:
+            if (path / f"{split}{suffix}").is_file():
+                return path / f"{split}{suffix}"
+        raise DataError(f"{path}: no {split}.jsonl or {split}.parquet; {_listing(path)}")
+    raise DataError(f"data.path {path} does not exist; {_listing(path)}")
+
+
+def _listing(path: Path) -> str:
+    while not path.is_dir():  # the nearest existing folder is where a typo is easiest to spot
+        path = path.parent
+    names = sorted(f"{p.name}/" if p.is_dir() else p.name for p in path.iterdir())
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    return f"{path} holds: {shown or 'nothing'}"
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, str]]:
+    # Raw lines: decoding happens in _example so bad JSON is skippable like any other bad row.
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield f"{path}:{lineno}", line
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    try:
+        table = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as e:
+        raise DataError(f"{path}: cannot read parquet: {_first_line(e)}") from None
+    return ((f"{path}:row {i}", row) for i, row in enumerate(table))
+
+
+def _hub_rows(cfg: DataConfig, split: str) -> Iterator[tuple[str, dict]]:
+    hint = f"set data.path=<local dir> holding {split}.jsonl or {split}.parquet"
+    if not datasets.config.HF_HUB_OFFLINE:  # offline mode reads the local cache: nothing to probe
+        try:
+            HfApi().dataset_info(cfg.hub_id, timeout=HUB_PROBE_TIMEOUT_S)
+        except HfHubHTTPError as e:  # the hub answered and refused: unknown id, gated, ...
+            raise DataError(f"hub dataset {cfg.hub_id}: {_first_line(e)}; {hint}") from None
+        except Exception as e:
+            raise DataError(
+                f"cannot reach the Hugging Face hub to load {cfg.hub_id} "
+                f"({type(e).__name__}: {_first_line(e)}); {hint}"
+            ) from None
+    try:
+        table = datasets.load_dataset(cfg.hub_id, cfg.hub_config or None, split=split)
+    except Exception as e:
+        raise DataError(
+            f"cannot load hub dataset {cfg.hub_id} ({cfg.hub_config}) split {split}: "
+            f"{_first_line(e)}; {hint}"
+        ) from None
+    return ((f"{cfg.hub_id}:{split} row {i}", row) for i, row in enumerate(table))
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _examples(
+    rows: Iterable[tuple[str, str | dict]], source: str, split: str, skip_bad: bool
+) -> list[Example]:
+    examples, bad = [], []
+    # Bad rows keep their index so ids do not shift when skip_bad_rows is turned on.
+    for index, (where, row) in enumerate(rows):
+        try:
+            examples.append(_example(row, f"{source}:{split}:{index}"))
+        except ValueError as e:
+            if not skip_bad:
+                raise DataError(f"{where}: {e}") from None
+            bad.append(f"{where}: {e}")
+    if bad:
+        logger.warning("skipped %d bad rows of %s:%s (first: %s)", len(bad), source, split, bad[0])
+    return examples
+
+
+def _example(row: str | dict, example_id: str) -> Example:
+    """One validated Example; raises ValueError saying what is wrong with the row."""
+    if isinstance(row, str):
+        try:
+            row = json.loads(row)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    for key in ("question", "answer"):
+        if not isinstance(row.get(key), str) or not row[key].strip():
+            raise ValueError(f"missing or empty '{key}'")
+    return Example(
+        id=example_id,
+        question=row["question"].strip(),
+        answer=gold_answer(row["answer"]),
+        rationale=row["answer"].rpartition("####")[0].strip(),
+    )
+
+
+def build_prompt(tokenizer, question: str, cfg: DataConfig) -> str:
+    """The generation prompt for `question`: the chat template if the tokenizer has one."""
+    if not getattr(tokenizer, "chat_template", None):
+        # Base models: a plain completion prompt; the system prompt would otherwise be lost.
+        preamble = "\n\n".join(t for t in (cfg.system_prompt, cfg.instruction) if t)
+        prompt = f"Question: {question}\nAnswer:"
+        return f"{preamble}\n\n{prompt}" if preamble else prompt
+    messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    user = f"{cfg.instruction}\n\n{question}" if cfg.instruction else question
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class PromptSampler:
+    """Endless stream of examples, reshuffled each epoch; resumes exactly from `state_dict`."""
+
+    def __init__(self, examples: list[Example], seed: int):
+        if not examples:
+            raise ValueError("PromptSampler needs at least one example")
+        self.examples = examples
+        self.seed, self.epoch, self.cursor = seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        # Seeded per epoch, so the order after a resume depends only on (seed, epoch).
+        order = list(range(len(self.examples)))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order
+
+    def next(self, n: int) -> list[Example]:
+        batch = []
+        while len(batch) < n:
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._permutation()
+            take = self._order[self.cursor : self.cursor + n - len(batch)]
+            batch += [self.examples[i] for i in take]
+            self.cursor += len(take)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "seed": self.seed,
+            "num_examples": len(self.examples),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        # A different dataset size would silently reorder everything: refuse instead.
+        if state["num_examples"] != len(self.examples):
+            raise ValueError(
+                f"sampler state is for {state['num_examples']} examples, "
+                f"but this run has {len(self.examples)}"
+            )
+        self.seed, self.epoch, self.cursor = state["seed"], state["epoch"], state["cursor"]
+        self._order = self._permutation()

@@ -1,0 +1,186 @@
+"""GSM8K evaluation and paired comparison.
+
+    python -m rlkd.eval model.name=smollm2-135m-instruct data.path=../shared/data/gsm8k
+    python -m rlkd.eval eval.compare=[runs/a/predictions.jsonl,runs/b/predictions.jsonl]
+
+Generation runs on vLLM in this process (no Ray needed); scoring uses the same answer parser as
+the GSM8K reward, so a "correct" here is a reward of 1 in training.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+from transformers import AutoTokenizer
+
+from rlkd.answer import answers_match, extract_answer
+from rlkd.config import Config, ConfigError, DataConfig, from_cli
+from rlkd.data import Example, build_prompt, load_split
+from rlkd.models import count_parameters, resolve_model
+from rlkd.rollout import Generation, RolloutWorker, SamplingSpec
+from rlkd.stats import mcnemar_exact, mean_ci, wilson_interval
+from rlkd.tracking import make_run_dir
+
+Generate = Callable[[list[str], SamplingSpec], Generation]
+
+
+def score(generate: Generate, tokenizer, examples: list[Example], data: DataConfig,
+          spec: SamplingSpec) -> tuple[list[dict], dict[str, float]]:
+    """Generate one completion per question and grade it; returns (predictions, metrics)."""
+    prompts = [build_prompt(tokenizer, ex.question, data) for ex in examples]
+    gen = generate(prompts, spec)
+    predictions = []
+    for ex, text, ids, cut in zip(examples, gen.texts, gen.completion_ids, gen.truncated, strict=True):
+        parsed = extract_answer(text)
+        predictions.append({
+            "id": ex.id, "question": ex.question, "gold": ex.answer, "completion": text,
+            "parsed": parsed, "correct": answers_match(parsed, ex.answer),
+            "num_tokens": len(ids), "truncated": cut,
+        })
+    n, k = len(predictions), sum(p["correct"] for p in predictions)
+    lo, hi = wilson_interval(k, n)
+    lengths = [p["num_tokens"] for p in predictions]
+    metrics = {
+        "accuracy": k / max(n, 1), "accuracy_ci_low": lo, "accuracy_ci_high": hi,
+        "num_samples": n, "num_correct": k,
+        "mean_completion_tokens": sum(lengths) / max(n, 1),
+        "truncated_frac": sum(p["truncated"] for p in predictions) / max(n, 1),
+        "generate_seconds": gen.seconds,
+        "tokens_per_s": gen.num_tokens / max(gen.seconds, 1e-9),
+        # Batched generation: wall time per question at this batch size, not single-request latency.
+        "latency_per_sample_s": gen.seconds / max(n, 1),
+    }
+    if n > 1:
+        _, metrics["completion_tokens_ci_low"], metrics["completion_tokens_ci_high"] = mean_ci(lengths)
+    return predictions, metrics
+
+
+class PeakMemory:
+    """Samples the RSS of this process plus its children (vLLM's engine runs in one)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.peak, self.interval_s = 0, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def print_table(rows: list[tuple[str, str]], title: str) -> None:
+    width = max(len(k) for k, _ in rows)
+    print(f"\n{title}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Evaluate cfg.model.name on cfg.data.split; writes metrics.json and predictions.jsonl."""
+    if cfg.eval.compare:
+        return compare(*cfg.eval.compare, out=run_dir / "comparison.json")
+    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir or None)
+    examples = load_split(cfg.data, cfg.data.split, limit=cfg.eval.num_samples)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens,
+                        temperature=cfg.eval.temperature, seed=cfg.run.seed)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        worker = RolloutWorker(str(model_path), max_model_len=cfg.model.max_model_len,
+                               dtype=cfg.rollout.dtype, enforce_eager=cfg.rollout.enforce_eager,
+                               kv_cache_gb=cfg.rollout.kv_cache_gb, seed=cfg.run.seed,
+                               use_gpu=cfg.rollout.gpus_per_actor > 0,
+                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        predictions, metrics = score(worker.generate, tokenizer, examples, cfg.data, spec)
+    metrics.update(
+        parameters=count_parameters(model_path), peak_memory_gb=mem.peak / 2**30,
+        engine_startup_s=worker.startup_seconds, wall_s=time.perf_counter() - start,
+    )
+    with (run_dir / "predictions.jsonl").open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2))
+    print_table([
+        ("model", cfg.model.name),
+        ("split", f"{cfg.data.split} ({metrics['num_samples']} questions)"),
+        ("accuracy", f"{metrics['accuracy']:.3f}  95% CI [{metrics['accuracy_ci_low']:.3f}, "
+                     f"{metrics['accuracy_ci_high']:.3f}]"),
+        ("mean completion tokens", f"{metrics['mean_completion_tokens']:.1f}"),
+        ("tokens/s", f"{metrics['tokens_per_s']:.0f}"),
+        ("latency per sample", f"{metrics['latency_per_sample_s']:.3f} s (batched)"),
+        ("peak memory", f"{metrics['peak_memory_gb']:.2f} GiB"),
+        ("parameters", f"{metrics['parameters'] / 1e6:.1f} M"),
+        ("run dir", str(run_dir)),
+    ], "GSM8K evaluation")
+    return metrics
+
+
+def _read_predictions(path: str) -> dict[str, bool]:
+    rows = {}
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                rows[row["id"]] = bool(row["correct"])
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ConfigError(f"{path}:{lineno}: not a predictions row ({e})") from None
+    return rows
+
+
+def compare(path_a: str, path_b: str, out: Path | None = None) -> dict[str, float]:
+    """Paired McNemar exact test over the questions both prediction files answered."""
+    for p in (path_a, path_b):
+        if not Path(p).exists():
+            raise ConfigError(f"eval.compare: no such predictions file '{p}'")
+    a, b = _read_predictions(path_a), _read_predictions(path_b)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise ConfigError(f"eval.compare: '{path_a}' and '{path_b}' share no question ids")
+    test = mcnemar_exact([a[i] for i in shared], [b[i] for i in shared])
+    result = {
+        "n": len(shared), "accuracy_a": sum(a[i] for i in shared) / len(shared),
+        "accuracy_b": sum(b[i] for i in shared) / len(shared), **test,
+    }
+    print_table([
+        ("A", path_a), ("B", path_b), ("paired questions", str(len(shared))),
+        ("accuracy A / B", f"{result['accuracy_a']:.3f} / {result['accuracy_b']:.3f}"),
+        ("A wrong, B right", str(test["b01"])), ("A right, B wrong", str(test["b10"])),
+        ("McNemar exact p", f"{test['p_value']:.4g}"),
+    ], "Paired comparison")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str]) -> None:
+    cfg, recipe = from_cli(argv, "eval_gsm8k", forced=("task=eval",))
+    evaluate(cfg, make_run_dir(cfg, recipe))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

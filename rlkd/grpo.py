@@ -1,0 +1,210 @@
+"""GRPO driver. The loop is the algorithm; Ray, vLLM and DeepSpeed live in the actor modules.
+
+    for each step:
+        sample prompts -> generate G completions each (vLLM rollout actors)
+        -> rewards -> group advantages -> learner update (DeepSpeed) -> weight sync
+        -> log, periodic eval on held-out questions, checkpoint
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from rewards import compute_rewards, load_reward
+from rlkd.config import Config
+from rlkd.data import PromptSampler, build_prompt, load_split
+from rlkd.eval import score
+from rlkd.learner import LearnerActor, TrainBatch
+from rlkd.losses import group_advantages
+from rlkd.models import resolve_model
+from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
+from rlkd.tracking import Timer, Tracker, plot_curves
+
+# Environment every actor (and the vLLM processes it spawns) starts with.
+ACTOR_ENV = {
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass
+class Actors:
+    learner: ray.actor.ActorHandle
+    rollouts: list[ray.actor.ActorHandle]
+    transport: str  # "shm" | "bytes" | "nccl"
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=cfg.ray.address or None,
+        num_cpus=(cfg.ray.num_cpus or None) if not cfg.ray.address else None,
+        include_dashboard=False,
+        runtime_env={"env_vars": ACTOR_ENV},
+        log_to_driver=True,
+    )
+
+
+def start_actors(cfg: Config, model_path: str) -> Actors:
+    """One learner and rollout.num_actors vLLM engines; picks the weight transport."""
+    use_gpu = cfg.rollout.gpus_per_actor > 0
+    # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
+    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
+    rollouts = [
+        RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
+            model_path,
+            max_model_len=cfg.model.max_model_len,
+            dtype=cfg.rollout.dtype,
+            enforce_eager=cfg.rollout.enforce_eager,
+            kv_cache_gb=cfg.rollout.kv_cache_gb,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+            use_gpu=use_gpu,
+            seed=cfg.run.seed + i,
+        )
+        for i in range(cfg.rollout.num_actors)
+    ]
+    ray.get([r.ready.remote() for r in rollouts])
+    if use_gpu:
+        transport = "nccl"
+        world = 1 + cfg.rollout.num_actors  # the learner sends as rank 0
+        ray.get(learner.init_nccl_sync.remote(rollouts, _free_port(), world))
+    else:
+        nodes = set(ray.get([r.node_id.remote() for r in rollouts]))
+        same_node = nodes == {ray.get(learner.node_id.remote())}
+        transport = "shm" if same_node else "bytes"
+    return Actors(learner, rollouts, transport)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def sync_weights(actors: Actors) -> None:
+    """Push the learner's weights to every rollout actor: one export, read by all."""
+    if actors.transport == "nccl":
+        ray.get(actors.learner.send_weights_nccl.remote())
+        return
+    update = actors.learner.export_weights.remote(actors.transport)
+    ray.get([r.update_weights.remote(update) for r in actors.rollouts])
+
+
+def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int) -> str:
+    path = ray.get(actors.learner.save_checkpoint.remote(str(run_dir / f"checkpoint-{step}")))
+    checkpoints = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    for old in checkpoints[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def train(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Run GRPO; returns the last step's metrics."""
+    g, t = cfg.grpo, cfg.trainer
+    model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_set = load_split(cfg.data, cfg.data.split)
+    eval_set = load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples) if t.eval_every else []
+    reward_fns = {spec: load_reward(spec) for spec in cfg.rewards.funcs}
+    reward_weights = dict(zip(cfg.rewards.funcs, cfg.rewards.weights, strict=True))
+
+    init_ray(cfg)
+    actors = start_actors(cfg, model_path)
+    sampler = PromptSampler(train_set, cfg.run.seed)
+    tracker = Tracker(run_dir)
+    spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+    metrics: dict[str, float] = {}
+    step = 0
+    bar = tqdm(range(1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True)
+    try:
+        for step in bar:
+            timer, start = Timer(), time.perf_counter()
+            examples = sampler.next(g.prompts_per_step)
+            prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
+            spec.seed = cfg.run.seed * 1_000_003 + step
+            with timer("generate"):
+                gen = generate_sharded(actors.rollouts, prompts, spec)
+            with timer("reward"):
+                per_completion = lambda xs: [x for x in xs for _ in range(g.group_size)]  # noqa: E731
+                rewards_N, per_fn, errors = compute_rewards(
+                    reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
+                    prompts=per_completion(prompts),
+                    answer=per_completion([ex.answer for ex in examples]),
+                    question=per_completion([ex.question for ex in examples]),
+                )
+                advantages_N, adv_metrics = group_advantages(
+                    torch.tensor(rewards_N), g.group_size, scale=g.adv_scale.value)
+            batch = TrainBatch(
+                prompt_ids=per_completion(gen.prompt_ids),
+                completion_ids=gen.completion_ids,
+                rollout_logprobs=gen.logprobs,
+                advantages=advantages_N.tolist(),
+            )
+            with timer("train"):
+                metrics = ray.get(actors.learner.train_step.remote(batch))
+            with timer("sync"):
+                sync_weights(actors)
+
+            lengths = [len(c) for c in gen.completion_ids]
+            metrics.update(timer.metrics())
+            metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
+            metrics.update({
+                "reward/total_mean": sum(rewards_N) / len(rewards_N),
+                "completion/mean_tokens": sum(lengths) / len(lengths),
+                "completion/truncated_frac": sum(gen.truncated) / len(gen.truncated),
+                "rollout/tokens_per_s": gen.num_tokens / max(gen.seconds, 1e-9),
+                "time/step": time.perf_counter() - start,
+            })
+            for name, scores in per_fn.items():
+                finite = [s for s in scores if s == s]
+                metrics[f"reward/{name}"] = sum(finite) / max(len(finite), 1)
+                if errors.get(name):
+                    metrics[f"reward_errors/{name}"] = errors[name]
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                gen_fn = lambda p, s: generate_sharded(actors.rollouts, p, s)  # noqa: E731
+                _, eval_metrics = score(gen_fn, tokenizer, eval_set, cfg.data, eval_spec)
+                metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+            if t.save_every and step % t.save_every == 0:
+                save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+            tracker.log(step, metrics)
+            bar.set_postfix(_postfix(metrics))
+        save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+    except KeyboardInterrupt:
+        bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
+        if step:
+            save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+        raise
+    finally:
+        bar.close()
+        tracker.close()
+        _plots(run_dir, cfg)
+        ray.get(actors.learner.close.remote())
+    return metrics
+
+
+def _postfix(m: dict[str, float]) -> dict[str, str]:
+    keys = {"reward": "reward/total_mean", "acc": "reward/gsm8k_correct", "len": "completion/mean_tokens",
+            "kl": "train/kl", "s/step": "time/step", "eval": "eval/accuracy"}
+    return {k: f"{m[v]:.3g}" for k, v in keys.items() if v in m}
+
+
+def _plots(run_dir: Path, cfg: Config) -> None:
+    path = run_dir / "metrics.jsonl"
+    reward_keys = ["reward/total_mean", *[f"reward/{f}" for f in cfg.rewards.funcs], "eval/accuracy"]
+    plot_curves(path, reward_keys, run_dir / "rewards.png", "GRPO rewards and held-out accuracy")
+    plot_curves(path, ["completion/mean_tokens", "train/clip_frac", "train/logp_mismatch", "train/kl",
+                       "time/generate", "time/train", "time/sync"], run_dir / "training.png", "GRPO training")

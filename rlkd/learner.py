@@ -1,0 +1,280 @@
+"""The learner actor: a DeepSpeed engine that scores tokens, applies the GRPO loss, steps, and
+exports its weights for the rollout actors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import ray
+import torch
+from safetensors.torch import save, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlkd.config import REPO_ROOT, Config
+from rlkd.losses import grpo_loss, selective_log_softmax
+from rlkd.rollout import WeightUpdate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class TrainBatch:
+    """One rollout batch, rows aligned: completion i continues prompt i."""
+
+    prompt_ids: list[list[int]]  # [N] ragged
+    completion_ids: list[list[int]]  # [N] ragged
+    rollout_logprobs: list[list[float]]  # [N] ragged, vLLM's sampling logprobs
+    advantages: list[float]  # [N]
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    def select(self, idx: list[int]) -> TrainBatch:
+        return TrainBatch(*([field[i] for i in idx] for field in vars(self).values()))
+
+
+def _pad(rows: list[list], value, dtype) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=dtype)
+
+
+def collate(batch: TrainBatch) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion rows; `*_BT` tensors are aligned to the shifted targets,
+    so position t holds the logprob of token t+1 and mask_BT marks completion targets."""
+    seqs = [p + c for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True)]
+    input_ids_BL = _pad(seqs, 0, torch.long)
+    attn_BL = _pad([[1] * len(s) for s in seqs], 0, torch.long)
+    mask_rows, lp_rows = [], []
+    for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.rollout_logprobs, strict=True):
+        mask_rows.append([0] * (len(p) - 1) + [1] * len(c))
+        lp_rows.append([0.0] * (len(p) - 1) + list(lp))
+    return {
+        "input_ids_BL": input_ids_BL,
+        "attn_BL": attn_BL,
+        "mask_BT": _pad(mask_rows, 0, torch.float32),
+        "rollout_logprobs_BT": _pad(lp_rows, 0.0, torch.float32),
+        "advantages_B": torch.tensor(batch.advantages, dtype=torch.float32),
+    }
+
+
+def deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
+    path = Path(cfg.learner.deepspeed_config)
+    path = path if path.is_absolute() else REPO_ROOT / path
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.learner.micro_batch_size
+    ds["gradient_accumulation_steps"] = micro_batches_per_step
+    ds["gradient_clipping"] = cfg.learner.max_grad_norm
+    ds["bf16"] = {"enabled": cfg.learner.dtype == "bfloat16"}
+    return ds
+
+
+class Learner:
+    """Holds the trainable policy (and, when beta > 0, a frozen reference)."""
+
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1,
+                 master_addr: str = "127.0.0.1", master_port: int = 29500):
+        torch.manual_seed(cfg.run.seed)
+        self.cfg, self.model_path = cfg, model_path
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # Rollout and learner phases alternate, so the learner may use every core; Ray would
+            # otherwise pin it to OMP_NUM_THREADS=num_cpus.
+            torch.set_num_threads(os.cpu_count())
+        os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
+                          MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        dtype = DTYPES[cfg.learner.dtype]
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+        self.reference = None
+        if cfg.grpo.beta > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            self.reference.to(self.device).eval().requires_grad_(False)
+
+        g = cfg.grpo
+        self.minibatch_size = g.group_size * g.prompts_per_step // g.mini_batches // world_size
+        micro_per_step = -(-self.minibatch_size // cfg.learner.micro_batch_size)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr,
+                                      weight_decay=cfg.learner.weight_decay,
+                                      fused=self.device.type == "cuda")
+        warmup = max(cfg.learner.warmup_steps, 0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, micro_per_step))
+        self.micro_per_step = micro_per_step
+        self.zero3 = self.engine.zero_optimization_stage() == 3
+        self.shm_dir = Path(tempfile.gettempdir() if not Path("/dev/shm").exists() else "/dev/shm")
+        self.shm_dir = self.shm_dir / f"rlkd-weights-{uuid.uuid4().hex[:8]}"
+        self.version = 0
+        self.nccl = None
+
+    # ---- scoring -------------------------------------------------------------------------
+
+    def _logprobs(self, model, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token logprobs under the sampling temperature, aligned with mask_BT: [B, L-1]."""
+        ids_BL = t["input_ids_BL"].to(self.device)
+        logits_BLV = model(input_ids=ids_BL, attention_mask=t["attn_BL"].to(self.device)).logits
+        logits_BTV = logits_BLV[:, :-1]
+        if self.cfg.rollout.temperature not in (0.0, 1.0):
+            logits_BTV = logits_BTV / self.cfg.rollout.temperature
+        return selective_log_softmax(logits_BTV, ids_BL[:, 1:])
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model, batch: TrainBatch) -> list[torch.Tensor]:
+        out = []
+        for start in range(0, len(batch), self.cfg.learner.micro_batch_size):
+            t = collate(batch.select(list(range(start, min(start + self.cfg.learner.micro_batch_size, len(batch))))))
+            out.append(self._logprobs(model, t).float().cpu())
+        return out
+
+    # ---- the update ----------------------------------------------------------------------
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """ppo_epochs passes over the batch in mini_batches optimizer steps."""
+        g, start = self.cfg.grpo, time.perf_counter()
+        self.engine.train()
+        on_policy = g.ppo_epochs == 1 and g.mini_batches == 1
+        # Off-policy epochs need the pre-update policy's logprobs, frozen before any step.
+        old = None if on_policy else self._frozen_logprobs(self.engine.module, batch)
+        ref = self._frozen_logprobs(self.reference, batch) if self.reference is not None else None
+        sums: dict[str, float] = {}
+        weight_total = 0.0
+        rng = torch.Generator().manual_seed(self.cfg.run.seed + self.version)
+        mbs = self.cfg.learner.micro_batch_size
+        for _ in range(g.ppo_epochs):
+            order = torch.randperm(len(batch), generator=rng).tolist() if not on_policy else list(range(len(batch)))
+            for m0 in range(0, len(batch), self.minibatch_size):
+                mini = order[m0:m0 + self.minibatch_size]
+                denom = self._denominator(batch.select(mini))
+                for u0 in range(0, len(mini), mbs):
+                    idx = mini[u0:u0 + mbs]
+                    t = collate(batch.select(idx))
+                    logprobs_BT = self._logprobs(self.engine.module, t)
+                    mask_BT = t["mask_BT"].to(self.device)
+                    loss, metrics = grpo_loss(
+                        logprobs_BT,
+                        logprobs_BT.detach() if on_policy else self._gather(old, idx, logprobs_BT),
+                        t["advantages_B"].to(self.device),
+                        mask_BT,
+                        clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta,
+                        ref_logprobs_BT=self._gather(ref, idx, logprobs_BT) if ref else None,
+                        rollout_logprobs_BT=t["rollout_logprobs_BT"].to(self.device),
+                        tis_cap=g.tis_cap or None,
+                        loss_agg=g.loss_agg.value,
+                        max_len=self.cfg.rollout.max_new_tokens,
+                    )
+                    share = self._denominator(batch.select(idx)) / denom
+                    # DeepSpeed divides by gradient_accumulation_steps; undo it and weight each
+                    # micro-batch by its share so the step sees the exact mini-batch aggregate.
+                    self.engine.backward(loss * share * self.micro_per_step)
+                    self.engine.step()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v * share
+                    sums["loss"] = sums.get("loss", 0.0) + loss.item() * share
+                    weight_total += share
+        out = {f"train/{k}": v / max(weight_total, 1e-9) for k, v in sums.items()}
+        out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        out["time/learner_compute"] = time.perf_counter() - start
+        self.version += 1
+        return out
+
+    def _gather(self, cached: list[torch.Tensor], idx: list[int], like_BT: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of per-micro-batch cached logprobs, padded to like_BT's width."""
+        mbs = self.cfg.learner.micro_batch_size
+        rows = [cached[i // mbs][i % mbs] for i in idx]
+        out = torch.zeros(len(rows), like_BT.shape[1])
+        for r, row in enumerate(rows):
+            n = min(len(row), like_BT.shape[1])
+            out[r, :n] = row[:n]
+        return out.to(like_BT.device)
+
+    def _denominator(self, batch: TrainBatch) -> float:
+        """What the loss aggregation divides by: tokens for token_mean, sequences otherwise."""
+        if self.cfg.grpo.loss_agg.value == "token_mean":
+            return float(sum(len(c) for c in batch.completion_ids))
+        return float(sum(1 for c in batch.completion_ids if c))
+
+    # ---- weights out ---------------------------------------------------------------------
+
+    def _named_weights(self) -> dict[str, torch.Tensor]:
+        """Parameters only: tied lm_head is shared with embed_tokens and vLLM re-ties it."""
+        params = dict(self.engine.module.named_parameters())
+        dtype = DTYPES[self.cfg.rollout.dtype]
+        # ZeRO-3 shards parameters across ranks; gather them for the export.
+        gather = deepspeed.zero.GatheredParameters(list(params.values())) if self.zero3 else nullcontext()
+        with gather:
+            return {k: v.detach().to("cpu", dtype).clone() for k, v in params.items()}
+
+    def export_weights(self, transport: str) -> WeightUpdate:
+        """`shm`: a safetensors file on this node's shared memory; `bytes`: the same as bytes,
+        returned once into Ray's object store for actors on other nodes."""
+        weights = self._named_weights()
+        if transport == "bytes":
+            return WeightUpdate(version=self.version, blob=save(weights))
+        self.shm_dir.mkdir(parents=True, exist_ok=True)
+        final = self.shm_dir / f"v{self.version}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        save_file(weights, str(tmp))
+        os.replace(tmp, final)
+        for old in self.shm_dir.glob("v*.safetensors"):
+            if old != final:
+                old.unlink()
+        return WeightUpdate(version=self.version, path=str(final))
+
+    def init_nccl_sync(self, rollout_actors: list, master_port: int, world_size: int) -> None:
+        """GPU transport: join vLLM's NCCL weight-transfer group as rank 0 (the sender)."""
+        from vllm.distributed.weight_transfer.base import ModuleSource
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+
+        info = NCCLTrainerInitInfo(master_address=ray.util.get_node_ip_address(),
+                                   master_port=master_port, world_size=world_size, rank=0)
+        self.nccl = NCCLTrainerWeightTransferEngine.trainer_init(
+            info, client=RayVLLMWeightSyncClient(rollout_actors),
+            source=ModuleSource(self.engine.module))
+
+    def send_weights_nccl(self) -> float:
+        start = time.perf_counter()
+        self.nccl.send_weights()
+        return time.perf_counter() - start
+
+    def save_checkpoint(self, path: str) -> str:
+        """HF checkpoint (weights + tokenizer) written to a temp dir and renamed into place, so
+        a kill mid-write never leaves a checkpoint that looks complete."""
+        final = Path(path)
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.module.save_pretrained(tmp, state_dict=self._named_weights() if self.zero3 else None)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
+        gen_cfg = Path(self.model_path) / "generation_config.json"
+        if gen_cfg.exists():
+            shutil.copy(gen_cfg, tmp / "generation_config.json")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return str(final)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def close(self) -> None:
+        shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+
+LearnerActor = ray.remote(Learner)

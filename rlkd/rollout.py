@@ -1,0 +1,207 @@
+"""The rollout actor: a `vllm.LLM` that samples completions with per-token logprobs and takes
+new weights in place.
+
+Two weight transports share one entry point, `update_weights`:
+- CPU (and cross-node fallback): the learner serialises its weights with safetensors, either to
+  a file on node-local shared memory (`WeightUpdate.path`, no copy through Ray) or as bytes
+  through Ray's object store (`WeightUpdate.blob`, one put for all actors). A function shipped
+  with `collective_rpc` loads them in each vLLM worker with `reload_weights`; bytes, because
+  vLLM's RPC serialiser turns tensors into lists.
+- GPU: vLLM's NCCL weight-transfer engine. The learner drives the round trip through vLLM's
+  `RayVLLMWeightSyncClient`, which calls the four `*_weight_*` methods below on every actor.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+# vLLM reads these at import time: a callable must be allowed through collective_rpc, and the
+# CPU backend's default KV-cache reservation fails on small machines.
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+# vLLM keeps a core for its scheduler; rollout and learner phases alternate, so on small CPU
+# machines the worker gets every core (1.6x tokens/s at batch 64 on 2 cores).
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+import vllm  # noqa: E402
+from vllm.distributed.weight_transfer.base import (  # noqa: E402
+    WeightTransferInitRequest,
+    WeightTransferUpdateRequest,
+)
+
+
+@dataclass
+class SamplingSpec:
+    n: int = 1
+    """Completions per prompt."""
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    """Per-call seed; vLLM gives the i-th of n samples seed + i, so a call is reproducible."""
+
+
+@dataclass
+class Generation:
+    """Completions of one `generate` call, prompt-major: prompt p's samples are [p*n, (p+1)*n)."""
+
+    prompt_ids: list[list[int]]  # [P] ragged
+    completion_ids: list[list[int]]  # [P*n] ragged
+    logprobs: list[list[float]]  # [P*n] ragged: sampling logprob of each completion token
+    texts: list[str]  # [P*n]
+    truncated: list[bool]  # [P*n]: hit max_tokens before EOS
+    seconds: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(ids) for ids in self.completion_ids)
+
+    @staticmethod
+    def concat(parts: list[Generation]) -> Generation:
+        """Gather shards in order; seconds is the slowest shard (they ran in parallel)."""
+        return Generation(
+            prompt_ids=[x for g in parts for x in g.prompt_ids],
+            completion_ids=[x for g in parts for x in g.completion_ids],
+            logprobs=[x for g in parts for x in g.logprobs],
+            texts=[x for g in parts for x in g.texts],
+            truncated=[x for g in parts for x in g.truncated],
+            seconds=max((g.seconds for g in parts), default=0.0),
+        )
+
+
+@dataclass
+class WeightUpdate:
+    """New policy weights for the CPU transports; exactly one of path/blob is set."""
+
+    version: int
+    path: str | None = None
+    """safetensors file on shared memory of the rollout actor's node."""
+    blob: bytes | None = field(default=None, repr=False)
+    """safetensors bytes, for actors on other nodes."""
+
+
+def _load_weights_in_worker(worker, path: str | None, blob: bytes | None) -> int:
+    """Runs inside each vLLM worker process (shipped by collective_rpc)."""
+    from safetensors.torch import load, load_file
+
+    state = load_file(path) if path is not None else load(blob)
+    worker.reload_weights(weights_iterator=iter(state.items()))
+    return len(state)
+
+
+class RolloutWorker:
+    """Owns one vLLM engine. Plain class: `RolloutActor` is its Ray actor, eval uses it bare."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        max_model_len: int = 1024,
+        dtype: str = "float32",
+        enforce_eager: bool = True,
+        kv_cache_gb: int = 2,
+        gpu_memory_utilization: float = 0.4,
+        tensor_parallel_size: int = 1,
+        use_gpu: bool = False,
+        seed: int = 0,
+    ):
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
+        start = time.perf_counter()
+        extra = {"weight_transfer_config": {"backend": "nccl"}} if use_gpu else {}
+        if use_gpu:
+            extra["gpu_memory_utilization"] = gpu_memory_utilization
+        self.llm = vllm.LLM(
+            model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            # The learner scores tokens under the same temperature-scaled distribution that
+            # sampled them, so TIS compares like with like.
+            logprobs_mode="processed_logprobs",
+            **extra,
+        )
+        self.startup_seconds = time.perf_counter() - start
+        self.version = 0
+
+    def generate(self, prompts: list[str], spec: SamplingSpec) -> Generation:
+        greedy = spec.temperature == 0.0
+        params = vllm.SamplingParams(
+            n=spec.n,
+            max_tokens=spec.max_tokens,
+            temperature=spec.temperature,
+            top_p=1.0 if greedy else spec.top_p,
+            seed=spec.seed,
+            logprobs=0,
+        )
+        start = time.perf_counter()
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        gen = Generation([], [], [], [], [], seconds)
+        for out in outputs:
+            gen.prompt_ids.append(list(out.prompt_token_ids))
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                gen.completion_ids.append(ids)
+                gen.logprobs.append([step[t].logprob for t, step in zip(ids, c.logprobs, strict=True)])
+                gen.texts.append(c.text)
+                gen.truncated.append(c.finish_reason == "length")
+        return gen
+
+    def update_weights(self, update: WeightUpdate | WeightTransferUpdateRequest) -> float:
+        """Load new weights; returns seconds spent. NCCL requests come from vLLM's sync client."""
+        start = time.perf_counter()
+        if isinstance(update, WeightTransferUpdateRequest):
+            self.llm.collective_rpc("update_weights", kwargs={"update_info": update.update_info})
+        else:
+            self.llm.collective_rpc(_load_weights_in_worker, args=(update.path, update.blob))
+            self.version = update.version
+        # Cached prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - start
+
+    # The GPU transport: vLLM's RayVLLMWeightSyncClient calls these by name on every actor.
+    def init_weight_transfer_engine(self, request: WeightTransferInitRequest) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": request.init_info})
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.version += 1
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> float:
+        return self.startup_seconds
+
+
+RolloutActor = ray.remote(RolloutWorker)
+
+
+def shard(items: list, num_shards: int) -> list[list]:
+    """Contiguous, near-equal shards; concatenating them restores the order."""
+    size, extra = divmod(len(items), num_shards)
+    out, start = [], 0
+    for i in range(num_shards):
+        end = start + size + (i < extra)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def generate_sharded(actors: list, prompts: list[str], spec: SamplingSpec) -> Generation:
+    """Spread prompts over the rollout actors and gather the completions in prompt order."""
+    parts = [
+        actor.generate.remote(chunk, spec)
+        for actor, chunk in zip(actors, shard(prompts, len(actors)), strict=True)
+        if chunk
+    ]
+    return Generation.concat(ray.get(parts))

@@ -1,0 +1,94 @@
+"""Run directory, metrics (jsonl + TensorBoard), timers and end-of-run plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: plots are written to PNG, never shown
+import matplotlib.pyplot as plt  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
+
+from rlkd.config import Config, to_yaml  # noqa: E402
+
+
+def make_run_dir(cfg: Config, recipe: str | None) -> Path:
+    """runs/<name>-<timestamp>/ (or run.dir) holding the resolved config.yaml."""
+    if cfg.run.dir:
+        run_dir = Path(cfg.run.dir)
+    else:
+        name = cfg.run.name or recipe or cfg.task.value
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.run.out_dir) / f"{name}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir
+
+
+class Timer:
+    """Named wall-clock sections of one step: `with timer("generate"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{k}": v for k, v in self.seconds.items()}
+
+
+class Tracker:
+    """Appends one JSON object per step to metrics.jsonl and mirrors scalars to TensorBoard."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        for k, v in clean.items():
+            if math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, keys: list[str], out: Path, title: str) -> Path | None:
+    """One panel per key (steps on x); keys absent from every row are left out."""
+    rows = read_metrics(metrics_path)
+    keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], keys, strict=True):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,546 @@
+"""Every objective in rlkd.losses against a brute-force Python loop over tiny tensors."""
+
+import math
+
+import pytest
+import torch
+
+from rlkd.losses import (
+    aggregate,
+    forward_kl_loss,
+    generalized_jsd_loss,
+    group_advantages,
+    grpo_loss,
+    minillm_token_rewards,
+    reverse_kl_loss,
+    selective_log_softmax,
+    sft_loss,
+)
+
+AGG_MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+# Row 1 empty (excluded from sequence means), row 2 has a hole in the middle.
+MASK_BT = torch.tensor(
+    [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool
+)
+
+
+def close(a, b, tol=1e-9):
+    a, b = (x.item() if torch.is_tensor(x) else float(x) for x in (a, b))
+    return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def ref_aggregate(values, mask, mode, max_len=None):
+    """values, mask: nested lists."""
+    if mode == "token_mean":
+        total = sum(
+            v
+            for row, mrow in zip(values, mask, strict=True)
+            for v, m in zip(row, mrow, strict=True)
+            if m
+        )
+        count = sum(m for mrow in mask for m in mrow)
+        return total / max(count, 1)
+    per_seq = []
+    for row, mrow in zip(values, mask, strict=True):
+        valid = [v for v, m in zip(row, mrow, strict=True) if m]
+        if not valid:
+            continue
+        denom = len(valid) if mode == "seq_mean_token_mean" else max_len
+        per_seq.append(sum(valid) / denom)
+    return sum(per_seq) / max(len(per_seq), 1)
+
+
+def ref_log_softmax(row):
+    mx = max(row)
+    lse = mx + math.log(sum(math.exp(x - mx) for x in row))
+    return [x - lse for x in row]
+
+
+def ref_kl(log_a, log_b):
+    return sum(math.exp(a) * (a - b) for a, b in zip(log_a, log_b, strict=True))
+
+
+def ref_token_divergence(student_row, teacher_row, kind, beta=0.5, temperature=1.0):
+    log_q = ref_log_softmax([x / temperature for x in student_row])
+    log_p = ref_log_softmax([x / temperature for x in teacher_row])
+    if kind == "reverse":
+        d = ref_kl(log_q, log_p)
+    elif kind == "forward":
+        d = ref_kl(log_p, log_q)
+    else:
+        q = [math.exp(x) for x in log_q]
+        p = [math.exp(x) for x in log_p]
+        log_m = [math.log(beta * pv + (1 - beta) * qv) for pv, qv in zip(p, q, strict=True)]
+        d = (beta * ref_kl(log_p, log_m) + (1 - beta) * ref_kl(log_q, log_m)) / (beta * (1 - beta))
+    return temperature**2 * d
+
+
+def ref_divergence_loss(student, teacher, mask, kind, **kw):
+    B, T, _ = student.shape
+    vals = [
+        ref_token_divergence(student[b, t].tolist(), teacher[b, t].tolist(), kind, **kw)
+        for b in range(B)
+        for t in range(T)
+        if mask[b, t]
+    ]
+    return sum(vals) / max(len(vals), 1)
+
+
+def random_logits(seed, B=3, T=4, V=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, T, V, generator=g, dtype=dtype) * 2
+
+
+# ---------------------------------------------------------------------- selective_log_softmax
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 256])
+def test_selective_log_softmax_matches_naive_fp64(chunk_size):
+    logits = random_logits(0, B=3, T=5, V=7)
+    ids = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(1))
+    out = selective_log_softmax(logits, ids, chunk_size=chunk_size)
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    assert out.dtype == torch.float64 and out.shape == (3, 5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    for b in range(3):
+        for t in range(5):
+            ref = ref_log_softmax(logits[b, t].tolist())[ids[b, t]]
+            assert close(out[b, t], ref, 1e-12)
+
+
+def test_selective_log_softmax_gradcheck():
+    logits = random_logits(2, B=2, T=3, V=5).requires_grad_()
+    ids = torch.tensor([[0, 4, 2], [1, 1, 3]])
+    assert torch.autograd.gradcheck(
+        lambda x: selective_log_softmax(x, ids, chunk_size=2), (logits,), eps=1e-6, atol=1e-8
+    )
+
+
+def test_selective_log_softmax_bf16_uses_fp32_math():
+    logits32 = random_logits(3, B=4, T=5, V=7, dtype=torch.float32) * 4
+    logits16 = logits32.to(torch.bfloat16).requires_grad_()
+    ids = torch.randint(0, 7, (4, 5), generator=torch.Generator().manual_seed(4))
+    out = selective_log_softmax(logits16, ids, chunk_size=3)
+    assert out.dtype == torch.float32
+    # Reference: the same bf16 values, upcast, through the naive fp32 log-softmax.
+    ref_in = logits16.detach().float().requires_grad_()
+    expected = torch.log_softmax(ref_in, -1).gather(-1, ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # A naive bf16 log-softmax is visibly worse, so the comparison above is not vacuous.
+    naive16 = torch.log_softmax(logits16.detach(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    assert (naive16.float() - expected).abs().max() > 1e-3
+
+    weights = torch.linspace(-1, 1, 20).view(4, 5)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert logits16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits16.grad.float(), ref_in.grad, rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------- advantages
+
+
+def ref_group_advantages(rewards, G, scale, eps=1e-6):
+    groups = [rewards[i : i + G] for i in range(0, len(rewards), G)]
+    centred = []
+    for grp in groups:
+        mu = sum(grp) / G
+        std = math.sqrt(sum((r - mu) ** 2 for r in grp) / G)
+        for r in grp:
+            centred.append((r - mu, std))
+    if scale == "group":
+        return [c / (s + eps) for c, s in centred]
+    if scale == "none":
+        return [c for c, _ in centred]
+    flat = [c for c, _ in centred]
+    mu = sum(flat) / len(flat)
+    batch_std = math.sqrt(sum((c - mu) ** 2 for c in flat) / len(flat))
+    return [c / (batch_std + eps) for c in flat]
+
+
+@pytest.mark.parametrize("scale", ["group", "none", "batch"])
+def test_group_advantages_matches_loop(scale):
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0, 2.0, -1.0, 0.0, 0.0]
+    adv, metrics = group_advantages(torch.tensor(rewards), 4, scale=scale)
+    ref = ref_group_advantages(rewards, 4, scale)
+    assert adv.shape == (12,)
+    for a, r in zip(adv.tolist(), ref, strict=True):
+        assert close(a, r, 1e-5)
+    assert close(metrics["frac_zero_std_groups"], 0.0)
+    assert close(metrics["reward_mean"], sum(rewards) / 12, 1e-6)
+    mu = sum(rewards) / 12
+    assert close(metrics["reward_std"], math.sqrt(sum((r - mu) ** 2 for r in rewards) / 12), 1e-6)
+
+
+def test_group_advantages_zero_variance_groups():
+    adv, metrics = group_advantages(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2)
+    assert close(metrics["frac_zero_std_groups"], 2 / 3)
+    assert adv[:2].tolist() == [0.0, 0.0] and adv[4:].tolist() == [0.0, 0.0]
+    assert close(adv[2], -1.0, 1e-5) and close(adv[3], 1.0, 1e-5)
+
+
+def test_group_advantages_validates():
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError):
+        group_advantages(torch.zeros(4), 2, scale="bogus")
+
+
+# ---------------------------------------------------------------------------- aggregate
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_aggregate_matches_loop(mode):
+    values = torch.randn(4, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    values[1, 0] = float("nan")  # masked garbage must not leak
+    out = aggregate(values, MASK_BT, mode, max_len=7)
+    assert close(out, ref_aggregate(values.tolist(), MASK_BT.tolist(), mode, 7), 1e-12)
+
+
+def test_aggregate_modes_differ_and_validate():
+    values = torch.arange(20, dtype=torch.float64).view(4, 5)
+    outs = {m: aggregate(values, MASK_BT, m, max_len=5).item() for m in AGG_MODES}
+    assert len(set(outs.values())) == 3
+    with pytest.raises(ValueError):
+        aggregate(values, MASK_BT, "seq_mean_token_sum_norm")
+    with pytest.raises(ValueError):
+        aggregate(values, MASK_BT, "bogus")
+
+
+# ---------------------------------------------------------------------------- grpo_loss
+
+
+def ref_grpo_token(logp, old, adv, clip_low, clip_high):
+    """Per-token loss and its derivative w.r.t. logp."""
+    ratio = math.exp(logp - old)
+    clipped = min(max(ratio, 1 - clip_low), 1 + clip_high)
+    if ratio * adv <= clipped * adv:
+        return -ratio * adv, -ratio * adv, False
+    return -clipped * adv, 0.0, True
+
+
+def test_grpo_clip_branches_values_and_grads():
+    # Ratios straddle both bounds of an asymmetric range [0.8, 1.28]; advantages of both signs.
+    ratios = torch.tensor([0.5, 0.9, 1.1, 1.5, 2.0], dtype=torch.float64)
+    old = torch.log(torch.tensor([0.3, 0.2, 0.4, 0.1, 0.25], dtype=torch.float64)).repeat(2, 1)
+    logp = (old + ratios.log()).requires_grad_()
+    adv = torch.tensor([1.5, -0.7], dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    loss, metrics = grpo_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    loss.backward()
+
+    total, n_clipped = 0.0, 0
+    for b in range(2):
+        for t in range(5):
+            val, grad, was_clipped = ref_grpo_token(
+                logp[b, t].item(), old[b, t].item(), adv[b].item(), 0.2, 0.28
+            )
+            total += val
+            n_clipped += was_clipped
+            assert close(logp.grad[b, t], grad / 10, 1e-12)
+    assert close(loss, total / 10, 1e-12)
+    # A > 0 clips ratios 1.5, 2.0 above 1.28; A < 0 clips 0.5 below 0.8.
+    assert n_clipped == 3 and close(metrics["clip_frac"], 0.3, 1e-12)
+    assert close(metrics["ratio_mean"], ratios.mean().item(), 1e-12)
+    assert close(metrics["entropy_proxy"], -logp.mean().item(), 1e-12)
+    assert "kl" not in metrics and "tis_weight_mean" not in metrics
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_grpo_on_policy_gradient_is_reinforce_with_group_baseline(mode):
+    g = torch.Generator().manual_seed(6)
+    logp = (-torch.rand(4, 5, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv, _ = group_advantages(rewards, 2)
+    adv = adv.double()
+    loss, metrics = grpo_loss(logp, logp.detach(), adv, MASK_BT, loss_agg=mode, max_len=6)
+    (grad,) = torch.autograd.grad(loss, logp)
+
+    # REINFORCE: -sum A_b log p_bt, with the same aggregation weights; d/dlogp_bt = -A_b w_bt.
+    reinforce = aggregate(-adv[:, None] * logp, MASK_BT, mode, max_len=6)
+    (ref_grad,) = torch.autograd.grad(reinforce, logp)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
+    # And by hand, so the check does not rest on aggregate alone.
+    counts = MASK_BT.sum(-1).tolist()
+    n_seq = sum(c > 0 for c in counts)
+    for b in range(4):
+        for t in range(5):
+            if not MASK_BT[b, t]:
+                w = 0.0
+            elif mode == "token_mean":
+                w = 1 / sum(counts)
+            elif mode == "seq_mean_token_mean":
+                w = 1 / (counts[b] * n_seq)
+            else:
+                w = 1 / (6 * n_seq)
+            assert close(grad[b, t], -adv[b].item() * w, 1e-12)
+    assert metrics["clip_frac"] == 0.0 and close(metrics["ratio_mean"], 1.0)
+
+
+def test_grpo_k3_kl_penalty():
+    g = torch.Generator().manual_seed(7)
+    logp = (-torch.rand(3, 4, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    ref = -torch.rand(3, 4, generator=g, dtype=torch.float64) * 2
+    adv = torch.tensor([0.5, -1.0, 0.0], dtype=torch.float64)
+    mask = MASK_BT[[0, 2, 3], :4]
+    beta = 0.3
+    loss, metrics = grpo_loss(logp, logp.detach(), adv, mask, beta=beta, ref_logprobs_BT=ref)
+    loss.backward()
+    n = mask.sum().item()
+    total, kl_sum = 0.0, 0.0
+    for b in range(3):
+        for t in range(4):
+            if not mask[b, t]:
+                assert logp.grad[b, t] == 0
+                continue
+            d = ref[b, t].item() - logp[b, t].item()
+            k3 = math.exp(d) - d - 1
+            kl_sum += k3
+            total += -adv[b].item() + beta * k3
+            # d/dlogp of -rho A + beta k3 at rho = 1: -A + beta (1 - exp(d))
+            assert close(logp.grad[b, t], (-adv[b].item() + beta * (1 - math.exp(d))) / n, 1e-12)
+    assert close(loss, total / n, 1e-12)
+    assert close(metrics["kl"], kl_sum / n, 1e-12)
+
+    # beta = 0 with a reference: loss ignores it, kl is still monitored.
+    loss0, metrics0 = grpo_loss(logp, logp.detach(), adv, mask, ref_logprobs_BT=ref)
+    assert close(loss0, -sum(adv[b].item() * mask[b].sum().item() for b in range(3)) / n, 1e-12)
+    assert close(metrics0["kl"], kl_sum / n, 1e-12)
+    with pytest.raises(ValueError):
+        grpo_loss(logp, logp.detach(), adv, mask, beta=0.1)
+
+
+def test_grpo_truncated_importance_sampling():
+    old = torch.log(
+        torch.tensor([[0.2, 0.5, 0.1, 0.3], [0.6, 0.05, 0.4, 0.7]], dtype=torch.float64)
+    )
+    # Sampler/learner probability ratios exp(old - rollout): both under and over the cap 2.
+    is_ratio = torch.tensor([[1.0, 0.5, 3.0, 1.5], [2.5, 1.2, 0.8, 4.0]], dtype=torch.float64)
+    rollout = (old - is_ratio.log()).requires_grad_()  # the weight must be detached from it
+    logp = (old + torch.tensor([0.1, -0.4, 0.3, 0.0]).double()).requires_grad_()
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    loss, metrics = grpo_loss(logp, old, adv, mask, rollout_logprobs_BT=rollout, tis_cap=2.0)
+    loss.backward()
+
+    total, weights, mismatch, n = 0.0, [], [], mask.sum().item()
+    for b in range(2):
+        for t in range(4):
+            if not mask[b, t]:
+                continue
+            w = min(is_ratio[b, t].item(), 2.0)
+            weights.append(w)
+            mismatch.append(abs(math.log(is_ratio[b, t].item())))
+            val, grad, _ = ref_grpo_token(
+                logp[b, t].item(), old[b, t].item(), adv[b].item(), 0.2, 0.2
+            )
+            total += w * val
+            assert close(logp.grad[b, t], w * grad / n, 1e-12)
+    assert close(loss, total / n, 1e-12) and rollout.grad is None
+    assert close(metrics["tis_weight_mean"], sum(weights) / n, 1e-12)
+    # Over the cap among valid tokens: 3.0, 2.5 (the masked 4.0 does not count).
+    assert close(metrics["tis_clip_frac"], 2 / 7, 1e-12)
+    assert close(metrics["logp_mismatch"], sum(mismatch) / n, 1e-12)
+
+    # tis_cap None or 0 switches the correction off but keeps the mismatch metric.
+    plain, _ = grpo_loss(logp, old, adv, mask)
+    for cap in (None, 0):
+        off, off_metrics = grpo_loss(logp, old, adv, mask, rollout_logprobs_BT=rollout, tis_cap=cap)
+        assert close(off, plain, 1e-12) and not close(off, loss, 1e-6)
+        assert "tis_weight_mean" not in off_metrics and "logp_mismatch" in off_metrics
+
+
+def test_grpo_ignores_garbage_on_padding():
+    logp = torch.tensor([[-1.0, 80.0], [-0.5, -0.2]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-1.2, -90.0], [-0.4, -0.3]], dtype=torch.float64)
+    mask = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    loss, metrics = grpo_loss(
+        logp, old, torch.tensor([1.0, -1.0]).double(), mask,
+        beta=0.1, ref_logprobs_BT=old, rollout_logprobs_BT=old + 100,
+    )  # fmt: skip
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all() and logp.grad[0, 1] == 0
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+# ---------------------------------------------------------------------------- sft
+
+
+def test_sft_loss_matches_loop():
+    logp = (-torch.rand(4, 5, generator=torch.Generator().manual_seed(8)).double()).requires_grad_()
+    loss, metrics = sft_loss(logp, MASK_BT)
+    loss.backward()
+    valid = [logp[b, t].item() for b in range(4) for t in range(5) if MASK_BT[b, t]]
+    assert close(loss, -sum(valid) / len(valid), 1e-12)
+    assert metrics["num_tokens"] == len(valid) and close(metrics["nll"], loss)
+    torch.testing.assert_close(logp.grad, -MASK_BT.double() / len(valid))
+
+
+# ---------------------------------------------------------------------------- distillation
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize(
+    "kind,fn", [("reverse", reverse_kl_loss), ("forward", forward_kl_loss), ("jsd", None)]
+)
+def test_divergences_match_loop(kind, fn, temperature):
+    student = random_logits(9, B=4, T=5).requires_grad_()
+    teacher = random_logits(10, B=4, T=5).requires_grad_()
+    if fn is None:
+        loss, metrics = generalized_jsd_loss(student, teacher, MASK_BT, 0.3, temperature)
+        ref = ref_divergence_loss(
+            student, teacher, MASK_BT, kind, beta=0.3, temperature=temperature
+        )
+    else:
+        loss, metrics = fn(student, teacher, MASK_BT, temperature)
+        ref = ref_divergence_loss(student, teacher, MASK_BT, kind, temperature=temperature)
+    assert close(loss, ref, 1e-6) and close(next(iter(metrics.values())), ref, 1e-6)
+    loss.backward()
+    assert teacher.grad is None  # teacher side is frozen
+    assert student.grad.abs().sum() > 0 and (student.grad[~MASK_BT] == 0).all()
+
+
+def test_reverse_kl_gradient_by_finite_differences():
+    student = random_logits(11, B=2, T=2, V=5).requires_grad_()
+    teacher = random_logits(12, B=2, T=2, V=5)
+    mask = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    loss, _ = reverse_kl_loss(student, teacher, mask)
+    loss.backward()
+    eps = 1e-6
+    for idx in [(0, 0, 1), (1, 1, 4), (0, 1, 2)]:
+        bumped = student.detach().clone()
+        bumped[idx] += eps
+        fd = (ref_divergence_loss(bumped, teacher, mask, "reverse") - loss.item()) / eps
+        assert close(student.grad[idx], fd, 1e-4)
+
+
+def test_jsd_limits_are_forward_and_reverse_kl():
+    student = random_logits(13, B=3, T=4)
+    teacher = random_logits(14, B=3, T=4)
+    mask = MASK_BT[:3, :4]
+    fwd, _ = forward_kl_loss(student, teacher, mask, 1.5)
+    rev, _ = reverse_kl_loss(student, teacher, mask, 1.5)
+    assert not close(fwd, rev, 1e-3)
+    jsd0, _ = generalized_jsd_loss(student, teacher, mask, beta=0.0, temperature=1.5)
+    jsd1, _ = generalized_jsd_loss(student, teacher, mask, beta=1.0, temperature=1.5)
+    assert close(jsd0, fwd, 1e-12) and close(jsd1, rev, 1e-12)
+    # Continuous at the ends: the scaled mixture form approaches the exact limits.
+    near0, _ = generalized_jsd_loss(student, teacher, mask, beta=1e-6, temperature=1.5)
+    near1, _ = generalized_jsd_loss(student, teacher, mask, beta=1 - 1e-6, temperature=1.5)
+    assert close(near0, fwd, 1e-4) and close(near1, rev, 1e-4)
+    with pytest.raises(ValueError):
+        generalized_jsd_loss(student, teacher, mask, beta=1.5)
+
+
+@pytest.mark.parametrize("beta", [1e-5, 1 - 1e-5])
+def test_jsd_near_limits_is_accurate_in_fp32(beta):
+    # log m - log q formed naively cancels to ~1e-7 / beta in fp32; the log-ratio form must not.
+    student = random_logits(22, B=2, T=4, V=7) * 2
+    teacher = random_logits(23, B=2, T=4, V=7) * 2
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    exact, _ = generalized_jsd_loss(student, teacher, mask, beta)
+    s32 = student.float().requires_grad_()
+    fp32, _ = generalized_jsd_loss(s32, teacher.float(), mask, beta)
+    assert close(fp32, exact, 1e-5)
+    s64 = student.clone().requires_grad_()
+    generalized_jsd_loss(s64, teacher, mask, beta)[0].backward()
+    fp32.backward()
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=0, atol=1e-5)
+
+
+def test_jsd_half_is_four_times_symmetric_jsd():
+    student = random_logits(15, B=1, T=3)
+    teacher = random_logits(16, B=1, T=3)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, _ = generalized_jsd_loss(student, teacher, mask, beta=0.5)
+    total = 0.0
+    for t in range(3):
+        p = [math.exp(x) for x in ref_log_softmax(teacher[0, t].tolist())]
+        q = [math.exp(x) for x in ref_log_softmax(student[0, t].tolist())]
+        m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
+        total += 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m, strict=True))
+        total += 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m, strict=True))
+    assert close(loss, 4 * total / 3, 1e-10)
+
+
+# ---------------------------------------------------------------------------- all masked
+
+
+def _all_masked_losses(logp, old, logits, teacher, mask):
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    for mode in AGG_MODES:
+        yield grpo_loss(
+            logp, old, adv, mask, beta=0.1, ref_logprobs_BT=old, rollout_logprobs_BT=old,
+            loss_agg=mode, max_len=3,
+        )  # fmt: skip
+    yield sft_loss(logp, mask)
+    yield reverse_kl_loss(logits, teacher, mask)
+    yield forward_kl_loss(logits, teacher, mask)
+    for beta in (0.0, 0.5, 1.0):
+        yield generalized_jsd_loss(logits, teacher, mask, beta)
+
+
+def test_all_masked_gives_finite_zero_with_grad_path():
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    old = -torch.rand(2, 3, dtype=torch.float64)
+    teacher = random_logits(17, B=2, T=3)
+    n = 0
+    for loss, metrics in _all_masked_losses(
+        (old + 0.1).requires_grad_(),
+        old,
+        random_logits(18, B=2, T=3).requires_grad_(),
+        teacher,
+        mask,
+    ):
+        n += 1
+        assert loss.dim() == 0 and loss.item() == 0.0 and loss.requires_grad
+        assert all(math.isfinite(v) for v in metrics.values())
+        loss.backward()
+    assert n == 9
+
+
+def test_all_masked_grads_are_zero():
+    mask = torch.zeros(2, 3, dtype=torch.bool)
+    logp = (-torch.rand(2, 3, dtype=torch.float64)).requires_grad_()
+    loss, _ = grpo_loss(logp, logp.detach() - 0.5, torch.ones(2).double(), mask)
+    loss.backward()
+    assert (logp.grad == 0).all()
+    logits = random_logits(19, B=2, T=3).requires_grad_()
+    loss, _ = generalized_jsd_loss(logits, random_logits(20, B=2, T=3), mask, 0.5)
+    loss.backward()
+    assert (logits.grad == 0).all()
+    rewards, metrics = minillm_token_rewards(logp, logp.detach() - 1, mask)
+    assert (rewards == 0).all() and all(math.isfinite(v) for v in metrics.values())
+
+
+# ---------------------------------------------------------------------------- minillm rewards
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+@pytest.mark.parametrize("length_norm", [True, False])
+def test_minillm_token_rewards_match_loop(gamma, length_norm):
+    g = torch.Generator().manual_seed(21)
+    student = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 3
+    teacher = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 3
+    returns, metrics = minillm_token_rewards(
+        student.requires_grad_(), teacher, MASK_BT, gamma=gamma, length_norm=length_norm
+    )
+    assert not returns.requires_grad
+    rs = []
+    for b in range(4):
+        for t in range(5):
+            if not MASK_BT[b, t]:
+                assert returns[b, t] == 0
+                continue
+            total, count = 0.0, 0
+            for s in range(t, 5):
+                if MASK_BT[b, s]:
+                    total += gamma ** (s - t) * (teacher[b, s].item() - student[b, s].item())
+                    count += 1
+            expected = total / count if length_norm else total
+            assert close(returns[b, t], expected, 1e-6)
+            rs.append(teacher[b, t].item() - student[b, t].item())
+    assert close(metrics["token_reward_mean"], sum(rs) / len(rs), 1e-6)
