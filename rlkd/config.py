@@ -296,17 +296,27 @@ def _suggest(key: str) -> str:
 def _describe(err: OmegaConfBaseException, where: str, key_hint: str = "") -> ConfigError:
     key = getattr(err, "full_key", None) or key_hint
     text = str(err).splitlines()[0]
+    if not key:
+        return ConfigError(f"{where}: {text}")
     if "not in" in text or "Missing key" in text or "Key '" in text:
         return ConfigError(f"{where}: unknown key '{key}'{_suggest(key)}")
     return ConfigError(f"{where}: bad value for '{key}': {text}")
 
 
 def _yaml_line(path: Path, key: str) -> int | None:
-    """Best-effort line of `key`'s leaf in a recipe, so errors point at it."""
-    leaf = re.escape(key.rsplit(".", 1)[-1])
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if re.match(rf"\s*{leaf}\s*:", line):
-            return i
+    """Line of the dotted `key` in a block-style recipe, so errors point at it."""
+    parts = re.sub(r"\[\d+\]", "", key).split(".")
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        m = re.match(r"(\s*)([A-Za-z_][\w-]*)\s*:", line)
+        if not m or line.lstrip().startswith("#"):
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        if [k for _, k in stack] == parts:
+            return lineno
     return None
 
 

@@ -143,12 +143,16 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
 def _read_predictions(path: str) -> dict[str, bool]:
     rows = {}
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                rows[row["id"]] = bool(row["correct"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ConfigError(f"{path}:{lineno}: not a predictions row ({e})") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{lineno}: not a predictions row (invalid JSON: {e})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("id"), str | int)
+                and isinstance(row.get("correct"), bool)):
+            raise ConfigError(f"{path}:{lineno}: not a predictions row (needs an 'id' and a boolean 'correct')")
+        rows[str(row["id"])] = row["correct"]
     return rows
 
 

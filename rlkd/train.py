@@ -2,12 +2,26 @@
 
 import sys
 
-from rlkd import eval as evaluation
-from rlkd import grpo
-from rlkd.config import Task, from_cli
+from rlkd.config import Config, Task, from_cli
 from rlkd.tracking import make_run_dir
 
-TASKS = {Task.grpo: grpo.train, Task.eval: evaluation.evaluate}
+# Task modules import Ray, vLLM and DeepSpeed (~30 s); they load only after the config is
+# known to be good, so a typo on the command line is reported at once.
+
+
+def _grpo(cfg: Config, run_dir) -> None:
+    from rlkd.grpo import train
+
+    train(cfg, run_dir)
+
+
+def _eval(cfg: Config, run_dir) -> None:
+    from rlkd.eval import evaluate
+
+    evaluate(cfg, run_dir)
+
+
+TASKS = {Task.grpo: _grpo, Task.eval: _eval}
 
 
 def main(argv: list[str]) -> None:

@@ -2,13 +2,13 @@
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
+from conftest import GSM8K_DIR
 
 from rlkd.answer import answers_match, extract_answer, gold_answer, is_correct
 
-GSM8K_TEST = Path("/work/shared/data/gsm8k/test.jsonl")
+GSM8K_TEST = GSM8K_DIR / "test.jsonl"
 
 JANET = (
     "Janet's ducks lay 16 eggs per day. She eats 3 for breakfast and bakes muffins with 4.\n"

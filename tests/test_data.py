@@ -9,6 +9,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import GSM8K_DIR
 from huggingface_hub import constants as hub_constants
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
@@ -16,7 +17,6 @@ from transformers import PreTrainedTokenizerFast
 from rlkd.config import DataConfig
 from rlkd.data import DataError, Example, PromptSampler, build_prompt, load_split
 
-GSM8K_DIR = Path("/work/shared/data/gsm8k")
 needs_gsm8k = pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason="no local GSM8K copy")
 
 GOOD = [
