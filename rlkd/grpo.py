@@ -13,6 +13,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -87,6 +88,11 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     return Actors(learner, rollouts, transport)
 
 
+def repeat_each(items: list, n: int) -> list:
+    """[a, b] -> [a, a, b, b] for n=2: per-prompt values laid out per completion."""
+    return [x for x in items for _ in range(n)]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -139,17 +145,16 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             with timer("generate"):
                 gen = generate_sharded(actors.rollouts, prompts, spec)
             with timer("reward"):
-                per_completion = lambda xs: [x for x in xs for _ in range(g.group_size)]  # noqa: E731
                 rewards_N, per_fn, errors = compute_rewards(
                     reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
-                    prompts=per_completion(prompts),
-                    answer=per_completion([ex.answer for ex in examples]),
-                    question=per_completion([ex.question for ex in examples]),
+                    prompts=repeat_each(prompts, g.group_size),
+                    answer=repeat_each([ex.answer for ex in examples], g.group_size),
+                    question=repeat_each([ex.question for ex in examples], g.group_size),
                 )
                 advantages_N, adv_metrics = group_advantages(
                     torch.tensor(rewards_N), g.group_size, scale=g.adv_scale.value)
             batch = TrainBatch(
-                prompt_ids=per_completion(gen.prompt_ids),
+                prompt_ids=repeat_each(gen.prompt_ids, g.group_size),
                 completion_ids=gen.completion_ids,
                 rollout_logprobs=gen.logprobs,
                 advantages=advantages_N.tolist(),
@@ -175,8 +180,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                 if errors.get(name):
                     metrics[f"reward_errors/{name}"] = errors[name]
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                gen_fn = lambda p, s: generate_sharded(actors.rollouts, p, s)  # noqa: E731
-                _, eval_metrics = score(gen_fn, tokenizer, eval_set, cfg.data, eval_spec)
+                _, eval_metrics = score(partial(generate_sharded, actors.rollouts), tokenizer,
+                                        eval_set, cfg.data, eval_spec)
                 metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
             if t.save_every and step % t.save_every == 0:
                 save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
@@ -192,7 +197,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         bar.close()
         tracker.close()
         _plots(run_dir, cfg)
-        ray.get(actors.learner.close.remote())
+        ray.get([actors.learner.close.remote(), *(r.shutdown.remote() for r in actors.rollouts)])
     return metrics
 
 

@@ -176,6 +176,10 @@ class RolloutWorker:
         self.llm.collective_rpc("finish_weight_update")
         self.version += 1
 
+    def shutdown(self) -> None:
+        """Stop vLLM's engine processes; Ray's kill of this actor would orphan them."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
