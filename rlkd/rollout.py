@@ -90,6 +90,12 @@ def _load_weights_in_worker(worker, path: str | None, blob: bytes | None) -> int
 
     state = load_file(path) if path is not None else load(blob)
     worker.reload_weights(weights_iterator=iter(state.items()))
+    # A tied lm_head receives no weights of its own, so reload never re-processes it; on CPU it
+    # would keep computing logits from a pre-packed copy of the old embedding.
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
     return len(state)
 
 

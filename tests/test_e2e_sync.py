@@ -1,0 +1,53 @@
+"""Weight sync into a running vLLM: after an update, vLLM samples from exactly the new weights.
+
+Each group of tensors is perturbed on its own, so a transport that drops one group (as a tied
+lm_head once did: vLLM's CPU backend kept a pre-packed copy of the old embedding) fails here.
+"""
+
+import pytest
+import torch
+from safetensors.torch import save
+from transformers import AutoModelForCausalLM
+
+from rlkd.models import resolve_model
+from rlkd.rollout import RolloutWorker, SamplingSpec, WeightUpdate
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "<|im_start|>user\nWhat is 7 times 8?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def engines():
+    path = str(resolve_model("smollm2-135m-instruct"))
+    return RolloutWorker(path, max_model_len=512), AutoModelForCausalLM.from_pretrained(path)
+
+
+def _mismatch(worker, hf) -> float:
+    """Mean |vLLM sampling logprob - transformers logprob| over a sampled completion."""
+    gen = worker.generate([PROMPT], SamplingSpec(n=1, max_tokens=24, temperature=1.0, seed=0))
+    prompt, completion = gen.prompt_ids[0], gen.completion_ids[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + completion])).logits[0, :-1]
+    ref = torch.log_softmax(logits, -1)[len(prompt) - 1:].gather(1, torch.tensor(completion)[:, None])
+    return (ref[:, 0] - torch.tensor(gen.logprobs[0])).abs().mean().item()
+
+
+@pytest.mark.parametrize("group", ["embed_tokens", "self_attn", "mlp", "norm"])
+@pytest.mark.parametrize("transport", ["path", "blob"])
+def test_sync_lands_every_tensor_group(engines, group, transport, tmp_path):
+    worker, hf = engines
+    torch.manual_seed(hash(group) % 1000)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if group in name:
+                p.add_(0.05 * p.abs().mean() * torch.randn_like(p))
+    weights = {k: v.detach().clone() for k, v in hf.named_parameters()}
+    if transport == "path":
+        file = tmp_path / "w.safetensors"
+        file.write_bytes(save(weights))
+        update = WeightUpdate(version=1, path=str(file))
+    else:
+        update = WeightUpdate(version=1, blob=save(weights))
+    worker.update_weights(update)
+    assert _mismatch(worker, hf) < 1e-4
