@@ -20,7 +20,9 @@ PROMPT = "<|im_start|>user\nWhat is 7 times 8?<|im_end|>\n<|im_start|>assistant\
 @pytest.fixture(scope="module")
 def engines():
     path = str(resolve_model("smollm2-135m-instruct"))
-    return RolloutWorker(path, max_model_len=512), AutoModelForCausalLM.from_pretrained(path)
+    worker = RolloutWorker(path, max_model_len=512)
+    yield worker, AutoModelForCausalLM.from_pretrained(path)
+    worker.shutdown()  # frees the engine's processes and KV cache before the next module
 
 
 def _mismatch(worker, hf) -> float:
