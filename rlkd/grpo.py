@@ -88,6 +88,11 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     return Actors(learner, rollouts, transport)
 
 
+def reward_name(spec: str) -> str:
+    """Metric name of a reward: `path/to/file.py:fn` and `pkg.mod:fn` are logged as `fn`."""
+    return spec.rsplit(":", 1)[-1]
+
+
 def repeat_each(items: list, n: int) -> list:
     """[a, b] -> [a, a, b, b] for n=2: per-prompt values laid out per completion."""
     return [x for x in items for _ in range(n)]
@@ -123,8 +128,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_set = load_split(cfg.data, cfg.data.split)
     eval_set = load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples) if t.eval_every else []
-    reward_fns = {spec: load_reward(spec) for spec in cfg.rewards.funcs}
-    reward_weights = dict(zip(cfg.rewards.funcs, cfg.rewards.weights, strict=True))
+    reward_fns = {reward_name(spec): load_reward(spec) for spec in cfg.rewards.funcs}
+    if len(reward_fns) != len(cfg.rewards.funcs):
+        raise ValueError(f"rewards.funcs={cfg.rewards.funcs} names one function twice")
+    reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
 
     init_ray(cfg)
     actors = start_actors(cfg, model_path)
@@ -209,7 +216,7 @@ def _postfix(m: dict[str, float]) -> dict[str, str]:
 
 def _plots(run_dir: Path, cfg: Config) -> None:
     path = run_dir / "metrics.jsonl"
-    reward_keys = ["reward/total_mean", *[f"reward/{f}" for f in cfg.rewards.funcs], "eval/accuracy"]
+    reward_keys = ["reward/total_mean", *[f"reward/{reward_name(f)}" for f in cfg.rewards.funcs], "eval/accuracy"]
     plot_curves(path, reward_keys, run_dir / "rewards.png", "GRPO rewards and held-out accuracy")
     plot_curves(path, ["completion/mean_tokens", "train/clip_frac", "train/logp_mismatch", "train/kl",
                        "time/generate", "time/train", "time/sync"], run_dir / "training.png", "GRPO training")

@@ -95,6 +95,6 @@ def test_checkpoint_loads_in_transformers_and_vllm(run_dir):
     proc = subprocess.run([sys.executable, "-c", script, prompt], capture_output=True, text=True,
                           timeout=600, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    vllm_text = json.loads(proc.stdout.split("RESULT", 1)[1])
+    vllm_text = json.loads(proc.stdout.split("RESULT", 1)[1].splitlines()[0])
     # Both run the checkpoint in float32 with greedy decoding, so the texts agree.
     assert vllm_text.strip() == hf_text.strip()
