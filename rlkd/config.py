@@ -426,8 +426,9 @@ def validate(cfg: Config) -> None:
             f"grpo.mini_batches={g.mini_batches} does not divide the rollout batch "
             f"grpo.prompts_per_step*grpo.group_size={batch}"
         )
-    for key in ("rollout.max_new_tokens", "eval.max_new_tokens"):
-        value = OmegaConf.select(OmegaConf.structured(cfg), key)
+    lengths = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,
+               "eval.max_new_tokens": cfg.eval.max_new_tokens}
+    for key, value in lengths.items():
         if value >= cfg.model.max_model_len:
             raise ConfigError(
                 f"{key}={value} leaves no room for the prompt in "

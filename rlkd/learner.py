@@ -116,8 +116,8 @@ class Learner:
             config=deepspeed_config(cfg, micro_per_step))
         self.micro_per_step = micro_per_step
         self.zero3 = self.engine.zero_optimization_stage() == 3
-        self.shm_dir = Path(tempfile.gettempdir() if not Path("/dev/shm").exists() else "/dev/shm")
-        self.shm_dir = self.shm_dir / f"rlkd-weights-{uuid.uuid4().hex[:8]}"
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        self.shm_dir = shm / f"rlkd-weights-{uuid.uuid4().hex[:8]}"
         self.version = 0
         self.nccl = None
 
