@@ -33,6 +33,8 @@ class ConfigError(ValueError):
 class Task(str, Enum):
     grpo = "grpo"
     eval = "eval"
+    cot = "cot"
+    sft = "sft"
 
 
 class AdvScale(str, Enum):
@@ -45,6 +47,23 @@ class LossAgg(str, Enum):
     token_mean = "token_mean"
     seq_mean_token_mean = "seq_mean_token_mean"
     seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
+
+
+class PromptMode(str, Enum):
+    plain = "plain"
+    gt_primed = "gt_primed"
+    gold = "gold"
+
+
+class Select(str, Enum):
+    shortest = "shortest"
+    confident = "confident"
+    first = "first"
+
+
+class SFTTarget(str, Enum):
+    cot = "cot"
+    answer_only = "answer_only"
 
 
 class OnError(str, Enum):
@@ -202,6 +221,85 @@ class EvalConfig:
 
 
 @dataclass
+class CotConfig:
+    prompt_mode: PromptMode = PromptMode.plain
+    """`plain` CoT; `gt_primed`: the teacher is shown the gold answer and explains it;
+    `gold`: no teacher, GSM8K's human rationales."""
+    temperatures: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    """Teacher sampling temperatures; each question gets `samples_per_temperature` at each."""
+    samples_per_temperature: int = 1
+    """Samples per question per temperature (k)."""
+    num_questions: int = 0
+    """First N questions of `data.split` (0 means all)."""
+    max_new_tokens: int = 384
+    """Teacher completion length cap."""
+    primed_instruction: str = (
+        "The correct final answer is {answer}. Explain step by step how to get it, without "
+        "mentioning that the answer was given. End with a final line of the form '#### {answer}'."
+    )
+    """Added to the user message in `gt_primed` mode; `{answer}` is the gold answer."""
+    strip_calculator: bool = True
+    """Remove GSM8K's `<<48/2=24>>` calculator annotations from gold rationales."""
+    trim_after_answer: bool = True
+    """Cut a sample after its first '#### N' line (small models keep talking); its token count
+    and confidence then cover the kept prefix only."""
+    samples: str = ""
+    """Existing samples.jsonl to re-filter instead of generating."""
+    batch_questions: int = 64
+    """Questions per generation call (one progress-bar tick)."""
+
+
+@dataclass
+class FilterConfig:
+    correct: bool = True
+    """Drop samples whose final answer does not match the gold answer."""
+    answer_line: bool = True
+    """Drop samples without a final '#### <number>' line."""
+    min_tokens: int = 1
+    """Drop samples shorter than this many tokens."""
+    max_tokens: int = 0
+    """Drop samples longer than this many tokens (0: no bound)."""
+    drop_truncated: bool = True
+    """Drop samples cut off by the length cap."""
+    max_gold_ratio: float = 0.0
+    """Conciseness: drop samples longer than this multiple of the gold rationale (0: off)."""
+    min_mean_logprob: float = 0.0
+    """Confidence: drop samples whose mean token logprob is below this (0: off), e.g. -0.4."""
+    dedup_jaccard: float = 0.9
+    """Near-duplicates: drop a sample whose word-trigram Jaccard similarity to a kept sample of
+    the same question is at least this (0: off)."""
+    select: Select = Select.shortest
+    """Order of a question's surviving samples: shortest, most confident, or as generated."""
+    max_per_question: int = 1
+    """Keep at most this many samples per question (0: all survivors)."""
+
+
+@dataclass
+class SFTConfig:
+    data: str = ""
+    """Filtered dataset from `task=cot` (its kept.jsonl, or the run dir); empty: GSM8K's gold
+    rationales of `data.split`."""
+    target: SFTTarget = SFTTarget.cot
+    """`cot`: the rationale then the '#### N' line; `answer_only`: only '#### N'."""
+    strip_calculator: bool = True
+    """Remove `<<48/2=24>>` annotations from gold rationales."""
+    num_examples: int = 0
+    """Train on the first N examples (0: all)."""
+    held_out: int = 32
+    """Examples held out of the SFT data for the periodic held-out loss."""
+    epochs: int = 1
+    """Passes over the training examples."""
+    batch_size: int = 16
+    """Sequences per optimizer step."""
+    max_seq_len: int = 768
+    """Longer prompt+target sequences are dropped (and counted)."""
+    packing: bool = False
+    """Pack several sequences into each row (attention kept within each sequence)."""
+    eval_accuracy: bool = True
+    """At each eval, also measure greedy accuracy on `trainer.eval_samples` test questions."""
+
+
+@dataclass
 class RayConfig:
     address: str = ""
     """Address of an existing Ray cluster (`auto` or host:port); empty starts a local one."""
@@ -233,6 +331,12 @@ class Config:
     """Evaluation."""
     ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster."""
+    cot: CotConfig = field(default_factory=CotConfig)
+    """Teacher chain-of-thought generation (task=cot); the teacher is model.name."""
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    """Filters applied to teacher samples (task=cot)."""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """Supervised fine-tuning (task=sft)."""
 
 
 ConfigStore.instance().store(name="rlkd", node=Config)
@@ -427,7 +531,8 @@ def validate(cfg: Config) -> None:
             f"grpo.prompts_per_step*grpo.group_size={batch}"
         )
     lengths = {"rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-               "eval.max_new_tokens": cfg.eval.max_new_tokens}
+               "eval.max_new_tokens": cfg.eval.max_new_tokens,
+               "cot.max_new_tokens": cfg.cot.max_new_tokens}
     for key, value in lengths.items():
         if value >= cfg.model.max_model_len:
             raise ConfigError(
@@ -436,6 +541,21 @@ def validate(cfg: Config) -> None:
             )
     if g.beta < 0 or g.clip_low < 0 or g.clip_high < 0 or g.tis_cap < 0:
         raise ConfigError("grpo.beta, grpo.clip_low, grpo.clip_high and grpo.tis_cap must be >= 0")
+    for key, value in {"cot.samples_per_temperature": cfg.cot.samples_per_temperature,
+                       "cot.max_new_tokens": cfg.cot.max_new_tokens,
+                       "cot.batch_questions": cfg.cot.batch_questions,
+                       "sft.epochs": cfg.sft.epochs, "sft.batch_size": cfg.sft.batch_size}.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1")
+    if cfg.task == Task.cot and cfg.cot.prompt_mode != PromptMode.gold and not cfg.cot.temperatures:
+        raise ConfigError("cot.temperatures is empty: give at least one sampling temperature")
+    if any(t < 0 for t in cfg.cot.temperatures):
+        raise ConfigError(f"cot.temperatures={cfg.cot.temperatures} must all be >= 0")
+    if "{answer}" not in cfg.cot.primed_instruction:
+        raise ConfigError("cot.primed_instruction must contain '{answer}'")
+    if cfg.filter.min_mean_logprob > 0:
+        raise ConfigError(f"filter.min_mean_logprob={cfg.filter.min_mean_logprob} must be <= 0 "
+                          "(a mean log-probability)")
     if cfg.eval.compare and len(cfg.eval.compare) != 2:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
 

@@ -20,7 +20,7 @@ from safetensors.torch import save, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.config import REPO_ROOT, Config
-from rlkd.losses import grpo_loss, selective_log_softmax
+from rlkd.losses import grpo_loss, selective_log_softmax, sft_loss
 from rlkd.rollout import WeightUpdate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +63,48 @@ def collate(batch: TrainBatch) -> dict[str, torch.Tensor]:
         "mask_BT": _pad(mask_rows, 0, torch.float32),
         "rollout_logprobs_BT": _pad(lp_rows, 0.0, torch.float32),
         "advantages_B": torch.tensor(batch.advantages, dtype=torch.float32),
+    }
+
+
+def collate_packed(batch: TrainBatch, row_len: int) -> dict[str, torch.Tensor]:
+    """Sequences packed first-fit-decreasing into rows of at most `row_len` tokens.
+
+    position_ids restart at 0 for each sequence and no attention mask is passed, so transformers
+    builds a block-diagonal causal mask: a token never attends to another sequence in its row.
+    """
+    seqs = [p + c for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True)]
+    rows: list[list[int]] = []  # sequence indices per row
+    room: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        if len(seqs[i]) > row_len:
+            raise ValueError(f"sequence of {len(seqs[i])} tokens does not fit a packed row of {row_len}")
+        slot = next((r for r, free in enumerate(room) if free >= len(seqs[i])), None)
+        if slot is None:
+            rows.append([])
+            room.append(row_len)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= len(seqs[i])
+    ids, pos, mask = [], [], []
+    for members in rows:
+        r_ids, r_pos, r_mask = [], [], []
+        for i in members:
+            p_len, c_len = len(batch.prompt_ids[i]), len(batch.completion_ids[i])
+            r_ids += seqs[i]
+            r_pos += list(range(p_len + c_len))
+            # Targets are shifted: position t predicts t+1, and a sequence's last token would
+            # predict the next sequence's first, so it is masked.
+            r_mask += [0] * (p_len - 1) + [1] * c_len + [0]
+        ids.append(r_ids)
+        pos.append(r_pos)
+        mask.append(r_mask[:-1])
+    width = max(len(r) for r in ids)
+    # Padding gets its own position run (0, 1, ...) so it forms a block of its own.
+    pos = [r + list(range(width - len(r))) for r in pos]
+    return {
+        "input_ids_BL": _pad(ids, 0, torch.long),
+        "position_ids_BL": torch.tensor(pos, dtype=torch.long),
+        "mask_BT": _pad(mask, 0, torch.float32)[:, : width - 1],
     }
 
 
@@ -191,6 +233,61 @@ class Learner:
         out["time/learner_compute"] = time.perf_counter() - start
         self.version += 1
         return out
+
+    def _nll_inputs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Untempered token logprobs for SFT, padded or packed rows: [B, L-1]."""
+        ids_BL = t["input_ids_BL"].to(self.device)
+        if "position_ids_BL" in t:
+            # Without a KV cache transformers reads sequence boundaries off the position ids.
+            out = self.engine.module(input_ids=ids_BL, position_ids=t["position_ids_BL"].to(self.device),
+                                     use_cache=False)
+        else:
+            out = self.engine.module(input_ids=ids_BL, attention_mask=t["attn_BL"].to(self.device))
+        return selective_log_softmax(out.logits[:, :-1], ids_BL[:, 1:])
+
+    def _sft_micro_batches(self, batch: TrainBatch, pack_len: int) -> list[dict[str, torch.Tensor]]:
+        mbs = self.cfg.learner.micro_batch_size
+        if pack_len:
+            t = collate_packed(batch, pack_len)
+            return [{k: v[i:i + mbs] for k, v in t.items()} for i in range(0, len(t["input_ids_BL"]), mbs)]
+        return [collate(batch.select(list(range(i, min(i + mbs, len(batch))))))
+                for i in range(0, len(batch), mbs)]
+
+    def sft_step(self, batch: TrainBatch, pack_len: int = 0) -> dict[str, float]:
+        """One optimizer step of token-mean NLL over every completion token of `batch`
+        (prompt tokens masked); `pack_len` > 0 packs sequences into rows of that length."""
+        start = time.perf_counter()
+        self.engine.train()
+        micro = self._sft_micro_batches(batch, pack_len)
+        total = sum(float(t["mask_BT"].sum()) for t in micro)
+        gas = self.engine.gradient_accumulation_steps()
+        nll = 0.0
+        for i, t in enumerate(micro):
+            # The number of micro-batches varies with packing, so the step boundary is explicit.
+            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            mask_BT = t["mask_BT"].to(self.device)
+            loss, _ = sft_loss(self._nll_inputs(t), mask_BT)
+            share = float(mask_BT.sum()) / max(total, 1.0)
+            # DeepSpeed divides by gradient_accumulation_steps; weight by token share instead.
+            self.engine.backward(loss * share * gas)
+            self.engine.step()
+            nll += loss.item() * share
+        self.version += 1
+        return {"train/loss": nll, "train/tokens": total, "train/rows": float(sum(len(t["mask_BT"]) for t in micro)),
+                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "time/learner_compute": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def eval_loss(self, batch: TrainBatch) -> float:
+        """Token-mean NLL of the completions in `batch` under the current weights."""
+        self.engine.eval()
+        nll = tokens = 0.0
+        for t in self._sft_micro_batches(batch, 0):
+            mask_BT = t["mask_BT"].to(self.device)
+            nll += float((-self._nll_inputs(t) * mask_BT).sum())
+            tokens += float(mask_BT.sum())
+        return nll / max(tokens, 1.0)
 
     def _gather(self, cached: list[torch.Tensor], idx: list[int], like_BT: torch.Tensor) -> torch.Tensor:
         """Rows `idx` of per-micro-batch cached logprobs, padded to like_BT's width."""

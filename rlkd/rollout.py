@@ -114,6 +114,7 @@ class RolloutWorker:
         tensor_parallel_size: int = 1,
         use_gpu: bool = False,
         seed: int = 0,
+        logprobs_mode: str = "processed_logprobs",
     ):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         start = time.perf_counter()
@@ -127,9 +128,10 @@ class RolloutWorker:
             enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
-            # The learner scores tokens under the same temperature-scaled distribution that
-            # sampled them, so TIS compares like with like.
-            logprobs_mode="processed_logprobs",
+            # Training: the learner scores tokens under the same temperature-scaled distribution
+            # that sampled them, so TIS compares like with like. Teacher confidence (task=cot)
+            # asks for `raw_logprobs`, comparable across sampling temperatures.
+            logprobs_mode=logprobs_mode,
             **extra,
         )
         self.startup_seconds = time.perf_counter() - start

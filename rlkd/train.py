@@ -21,7 +21,19 @@ def _eval(cfg: Config, run_dir) -> None:
     evaluate(cfg, run_dir)
 
 
-TASKS = {Task.grpo: _grpo, Task.eval: _eval}
+def _cot(cfg: Config, run_dir) -> None:
+    from rlkd.cot import run
+
+    run(cfg, run_dir)
+
+
+def _sft(cfg: Config, run_dir) -> None:
+    from rlkd.sft import train
+
+    train(cfg, run_dir)
+
+
+TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft}
 
 
 def main(argv: list[str]) -> None:

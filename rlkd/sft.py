@@ -1,0 +1,176 @@
+"""Supervised fine-tuning warm start (task=sft) on the same DeepSpeed learner actor as GRPO.
+
+    python -m rlkd.train recipe=sft_gsm8k data.path=../shared/data/gsm8k sft.data=runs/cot-…/kept.jsonl
+
+    examples (filtered teacher CoT, or GSM8K's gold rationales) -> chat-templated prompt + target
+    for each epoch, each shuffled batch: learner NLL step on target tokens only
+    every trainer.eval_every steps: held-out NLL (+ greedy accuracy through a vLLM actor)
+    -> HF checkpoints a GRPO run can start from: model.name=<run dir>/checkpoint-<step>
+
+`sft.target=answer_only` trains question -> '#### N' (the No-CoT-SFT baseline).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import datasets
+import ray
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from rlkd.config import Config, ConfigError, SFTTarget
+from rlkd.cot import gold_text
+from rlkd.data import build_prompt, load_split
+from rlkd.eval import score
+from rlkd.grpo import Actors, init_ray, save_checkpoint, sync_weights
+from rlkd.learner import LearnerActor, TrainBatch
+from rlkd.models import resolve_model
+from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
+from rlkd.tracking import Tracker, plot_curves
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    id: str
+    question: str
+    target: str  # the assistant turn, without the end-of-turn token
+
+
+def read_dataset(path: str) -> list[dict]:
+    """Rows of a `task=cot` dataset: its kept.jsonl / kept.parquet, or the run dir holding it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "kept.jsonl"
+    if not p.is_file():
+        raise ConfigError(f"sft.data={path}: no such file")
+    if p.suffix not in (".jsonl", ".parquet"):
+        raise ConfigError(f"sft.data={path}: expected a .jsonl or .parquet file")
+    rows = list(datasets.load_dataset("json" if p.suffix == ".jsonl" else "parquet", data_files=str(p),
+                                      split="train"))
+    for i, row in enumerate(rows, 1):
+        missing = [k for k in ("id", "question", "gold", "text") if not row.get(k)]
+        if missing:
+            raise ConfigError(f"{p}:{i}: missing field(s) {', '.join(missing)}")
+    if not rows:
+        raise ConfigError(f"sft.data={path}: the dataset is empty (did the filters drop everything?)")
+    return rows
+
+
+def sft_examples(cfg: Config) -> list[SFTExample]:
+    s = cfg.sft
+    answer_only = s.target == SFTTarget.answer_only
+    if s.data:
+        rows = read_dataset(s.data)
+        out = [SFTExample(r["id"], r["question"], f"#### {r['gold']}" if answer_only else r["text"].strip())
+               for r in rows]
+    else:
+        out = [SFTExample(ex.id, ex.question, f"#### {ex.answer}" if answer_only else gold_text(ex, s.strip_calculator))
+               for ex in load_split(cfg.data, cfg.data.split)]
+    return out[:s.num_examples] if s.num_examples > 0 else out
+
+
+def tokenize(examples: list[SFTExample], tokenizer, cfg: Config) -> tuple[TrainBatch, int]:
+    """Prompt (chat template, generation prompt) and target + end-of-turn token ids; sequences
+    longer than sft.max_seq_len are dropped and counted."""
+    end = tokenizer.eos_token or ""
+    prompts, completions, dropped = [], [], 0
+    for ex in examples:
+        p = tokenizer(build_prompt(tokenizer, ex.question, cfg.data), add_special_tokens=False)["input_ids"]
+        c = tokenizer(ex.target + end, add_special_tokens=False)["input_ids"]
+        if len(p) + len(c) > cfg.sft.max_seq_len:
+            dropped += 1
+            continue
+        prompts.append(p)
+        completions.append(c)
+    batch = TrainBatch(prompts, completions, [[0.0] * len(c) for c in completions], [0.0] * len(completions))
+    return batch, dropped
+
+
+def batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+    """Index batches for every epoch, reshuffled per epoch; a ragged last batch is dropped so
+    every optimizer step sees the same number of sequences."""
+    out = []
+    for epoch in range(epochs):
+        order = list(range(n))
+        random.Random(seed + epoch).shuffle(order)
+        out += [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    return out
+
+
+def train(cfg: Config, run_dir: Path) -> dict[str, float]:
+    s, t = cfg.sft, cfg.trainer
+    model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    examples = sft_examples(cfg)
+    random.Random(cfg.run.seed).shuffle(examples)
+    held_out = min(s.held_out, len(examples) // 5)
+    data, dropped = tokenize(examples[held_out:], tokenizer, cfg)
+    held, _ = tokenize(examples[:held_out], tokenizer, cfg)
+    if len(data) < s.batch_size:
+        raise ConfigError(f"sft.batch_size={s.batch_size} is larger than the {len(data)} training examples")
+    plan = batches(len(data), s.batch_size, s.epochs, cfg.run.seed)
+    if t.max_steps > 0:
+        plan = plan[:t.max_steps]
+    eval_acc = bool(t.eval_every and s.eval_accuracy)
+    eval_set = load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples) if eval_acc else []
+    print(f"sft: {len(data)} examples ({dropped} longer than sft.max_seq_len dropped), {held_out} held out, "
+          f"{len(plan)} steps of {s.batch_size}, target={s.target.value}, packing={s.packing}")
+    (run_dir / "sft_data.json").write_text(json.dumps(
+        {"examples": len(data), "dropped_too_long": dropped, "held_out": held_out, "steps": len(plan),
+         "target": s.target.value, "source": s.data or f"gsm8k gold rationales ({cfg.data.split})"}, indent=2))
+
+    init_ray(cfg)
+    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
+    rollouts = [RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
+        model_path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
+        enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        use_gpu=cfg.rollout.gpus_per_actor > 0, seed=cfg.run.seed)] if eval_acc else []
+    # Same-node CPU actors read the learner's export from shared memory.
+    actors = Actors(learner, rollouts, "bytes" if cfg.ray.address else "shm")
+    tracker = Tracker(run_dir)
+    eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+    pack_len = s.max_seq_len if s.packing else 0
+    metrics: dict[str, float] = {}
+    step = 0
+    bar = tqdm(plan, desc="sft", unit="step", dynamic_ncols=True)
+    try:
+        for step, idx in enumerate(bar, 1):
+            start = time.perf_counter()
+            metrics = ray.get(learner.sft_step.remote(data.select(idx), pack_len))
+            metrics["time/step"] = time.perf_counter() - start
+            metrics["train/epoch"] = (step * s.batch_size) / len(data)
+            if t.eval_every and (step % t.eval_every == 0 or step == len(plan)):
+                if held_out:
+                    metrics["eval/heldout_nll"] = ray.get(learner.eval_loss.remote(held))
+                if eval_acc:
+                    sync_weights(actors)
+                    _, m = score(partial(generate_sharded, rollouts), tokenizer, eval_set, cfg.data, eval_spec)
+                    metrics.update({f"eval/{k}": v for k, v in m.items()})
+            if t.save_every and step % t.save_every == 0:
+                save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+            tracker.log(step, metrics)
+            bar.set_postfix({k: f"{metrics[v]:.3g}" for k, v in
+                             {"loss": "train/loss", "heldout": "eval/heldout_nll", "acc": "eval/accuracy",
+                              "s/step": "time/step"}.items() if v in metrics})
+        path = save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+        print(f"sft checkpoint: {path}\n  next: python -m rlkd.train recipe=grpo_gsm8k model.name={path}")
+    except KeyboardInterrupt:
+        bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
+        if step:
+            save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+        raise
+    finally:
+        bar.close()
+        tracker.close()
+        plot_curves(run_dir / "metrics.jsonl", ["train/loss", "eval/heldout_nll"], run_dir / "loss.png",
+                    "SFT loss (token-mean NLL)")
+        plot_curves(run_dir / "metrics.jsonl", ["eval/accuracy"], run_dir / "accuracy.png", "SFT held-out accuracy")
+        ray.get([learner.close.remote(), *(r.shutdown.remote() for r in rollouts)])
+    return metrics
