@@ -118,9 +118,13 @@ class RolloutWorker:
     ):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         start = time.perf_counter()
-        extra = {"weight_transfer_config": {"backend": "nccl"}} if use_gpu else {}
         if use_gpu:
-            extra["gpu_memory_utilization"] = gpu_memory_utilization
+            extra = {"weight_transfer_config": {"backend": "nccl"}, "gpu_memory_utilization": gpu_memory_utilization}
+        else:
+            # A chunked prefill discards the token sampled for a partial prompt and rewinds the
+            # request's seeded generator, which CPU generators cannot do ("CPU Generator does
+            # not use offset"): seeded batches longer than the token budget would crash.
+            extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
         self.llm = vllm.LLM(
             model_path,
             dtype=dtype,

@@ -53,3 +53,14 @@ def test_sync_lands_every_tensor_group(engines, group, transport, tmp_path):
         update = WeightUpdate(version=1, blob=save(weights))
     worker.update_weights(update)
     assert _mismatch(worker, hf) < 1e-4
+
+
+def test_seeded_batch_beyond_the_token_budget_samples_reproducibly(engines):
+    # ~14k prompt tokens: more than one scheduler step's budget. With chunked prefill vLLM's CPU
+    # backend crashed here ("CPU Generator does not use offset") on seeded requests.
+    worker, _ = engines
+    prompts = [f"Story {i}: " + "the number seven walked into a bar and " * 12 for i in range(100)]
+    spec = SamplingSpec(n=1, max_tokens=4, temperature=0.7, seed=11)
+    first, second = worker.generate(prompts, spec), worker.generate(prompts, spec)
+    assert sum(len(p) for p in first.prompt_ids) > 8192
+    assert first.texts == second.texts
