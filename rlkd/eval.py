@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlkd.answer import answers_match, extract_answer
@@ -31,10 +32,19 @@ Generate = Callable[[list[str], SamplingSpec], Generation]
 
 
 def score(generate: Generate, tokenizer, examples: list[Example], data: DataConfig,
-          spec: SamplingSpec) -> tuple[list[dict], dict[str, float]]:
+          spec: SamplingSpec, chunk: int = 128) -> tuple[list[dict], dict[str, float]]:
     """Generate one completion per question and grade it; returns (predictions, metrics)."""
     prompts = [build_prompt(tokenizer, ex.question, data) for ex in examples]
-    gen = generate(prompts, spec)
+    parts = []
+    # Chunks only drive the progress bar: 64 concurrent sequences already saturate a CPU engine.
+    with tqdm(total=len(prompts), desc="eval", unit="q", dynamic_ncols=True, disable=len(prompts) <= chunk) as bar:
+        for start in range(0, len(prompts), chunk):
+            parts.append(generate(prompts[start:start + chunk], spec))
+            bar.update(len(parts[-1].prompt_ids))
+            done = sum(g.num_tokens for g in parts) / max(sum(g.seconds for g in parts), 1e-9)
+            bar.set_postfix(tok_s=f"{done:.0f}")
+    gen = Generation.concat(parts)
+    gen.seconds = sum(g.seconds for g in parts)  # chunks ran one after another
     predictions = []
     for ex, text, ids, cut in zip(examples, gen.texts, gen.completion_ids, gen.truncated, strict=True):
         parsed = extract_answer(text)

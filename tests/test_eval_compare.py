@@ -180,3 +180,23 @@ def test_no_discordant_pairs_gives_p_one(tmp_path):
     result = compare(path_a, path_b)
     assert (result["b01"], result["b10"], result["p_value"]) == (0, 0, 1.0)
     assert result["accuracy_a"] == result["accuracy_b"] == 0.5
+
+
+def test_score_grades_in_order_across_chunks():
+    from rlkd.config import DataConfig
+    from rlkd.data import Example
+    from rlkd.eval import score
+    from rlkd.rollout import Generation, SamplingSpec
+
+    class Tok:  # no chat template: build_prompt's plain "Question: ..." format
+        chat_template = None
+
+    def generate(prompts, spec):
+        # Answers "#### <question number>" so a shuffled chunk order would be graded wrong.
+        return Generation([[1]] * len(prompts), [[1, 2]] * len(prompts), [[-0.1, -0.1]] * len(prompts),
+                          [f"#### {p.split('Q')[-1].split()[0]}" for p in prompts], [False] * len(prompts), 1.0)
+
+    examples = [Example(f"x:{i}", f"Q{i} ?", str(i if i % 3 else -1), "") for i in range(10)]
+    preds, m = score(generate, Tok(), examples, DataConfig(instruction=""), SamplingSpec(), chunk=4)
+    assert [p["correct"] for p in preds] == [bool(i % 3) for i in range(10)]
+    assert m["num_correct"] == 6 and m["generate_seconds"] == 3.0  # three chunks, one after another
