@@ -49,8 +49,10 @@ class Actors:
 def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
+    # Empty ray.address starts a private local instance instead of silently joining whatever
+    # `ray start` cluster runs on this machine; `ray job submit` sets RAY_ADDRESS to join.
     ray.init(
-        address=cfg.ray.address or None,
+        address=cfg.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local"),
         num_cpus=(cfg.ray.num_cpus or None) if not cfg.ray.address else None,
         include_dashboard=False,
         runtime_env={"env_vars": ACTOR_ENV},
