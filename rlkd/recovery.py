@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
 
 from rlkd.config import RunStopped
 from rlkd.resume import complete_checkpoints
@@ -24,6 +30,7 @@ from rlkd.resume import complete_checkpoints
 logger = logging.getLogger("rlkd.recovery")
 T = TypeVar("T")
 RESTART_TIMEOUT_S = 900.0  # a vLLM engine starts in ~35 s on an idle CPU; minutes when busy
+DIED_RETRIES = 30  # seconds of "actor died" answers tolerated while Ray notices and restarts it
 
 
 class RolloutFailedError(RunStopped):
@@ -71,20 +78,23 @@ def restore(actor) -> None:
     """Wait until `actor` answers with a working engine; an actor alive around a dead engine is
     killed so that Ray restarts it."""
     deadline = time.monotonic() + RESTART_TIMEOUT_S
+    died = 0
     while True:
         try:
             ray.get(actor.check_engine.remote(), timeout=RESTART_TIMEOUT_S)
             return
-        except ActorUnavailableError:
+        except ActorUnavailableError:  # restarting: refused until it is up again
             if time.monotonic() > deadline:
                 raise
-            time.sleep(1.0)  # restarting: calls are refused until it is up again
+        except ActorDiedError:
+            # Calls that reached the old process before it died fail like this too; an actor
+            # out of restarts fails every call.
+            died += 1
+            if died > DIED_RETRIES:
+                raise
         except RayTaskError:
             ray.kill(actor, no_restart=False)
-
-
-class BadStepsError(RunStopped):
-    """Too many consecutive updates skipped for a NaN/inf loss or gradient."""
+        time.sleep(1.0)
 
 
 def learner_died(error: RayActorError, step: int, run_dir: Path) -> LearnerDiedError:
