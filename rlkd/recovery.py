@@ -97,6 +97,10 @@ def restore(actor) -> None:
         time.sleep(1.0)
 
 
+class BadStepsError(RunStopped):
+    """Too many consecutive updates skipped for a NaN/inf loss or gradient."""
+
+
 def learner_died(error: RayActorError, step: int, run_dir: Path) -> LearnerDiedError:
     found = complete_checkpoints(run_dir)
     last = (f"the last checkpoint, {found[-1]}, is intact: continue with trainer.resume=auto "
