@@ -143,7 +143,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     actors = start_actors(cfg, inputs.model_path)
     sampler = PromptSampler(inputs.train_set, cfg.run.seed)
     bad_steps = 0
-    guard = RolloutGuard(actors.rollouts, partial(sync_weights, actors), cfg.rollout.max_restarts)
+    guard = RolloutGuard(actors.learner, actors.rollouts, partial(sync_weights, actors),
+                         cfg.rollout.max_restarts)
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
     tracker = Tracker(run_dir, purge_step=start_step + 1)
     spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
@@ -189,10 +190,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                 advantages=advantages_N.tolist(),
             )
             with timer("train"):
-                try:
-                    metrics = ray.get(actors.learner.train_step.remote(batch))
-                except RayActorError as e:
-                    raise learner_died(e, step, run_dir) from e
+                metrics = ray.get(actors.learner.train_step.remote(batch))
             bad_steps = bad_steps + 1 if metrics["train/skipped_steps"] else 0
             if t.max_bad_steps and bad_steps >= t.max_bad_steps:
                 raise BadStepsError(
@@ -231,6 +229,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             bar.set_postfix(_postfix(metrics))
         if saved < done:
             checkpoint()
+    except RayActorError as e:  # rollout failures are handled by the guard: the learner died
+        raise learner_died(e, step, run_dir) from e
     except KeyboardInterrupt:
         # An update already sent to the learner finishes there: then its weights are one step
         # past `done` and no checkpoint of them can be resumed exactly.

@@ -44,8 +44,9 @@ class LearnerDiedError(RunStopped):
 class RolloutGuard:
     """Runs a call on the rollout actors, restoring them and retrying when one fails."""
 
-    def __init__(self, rollouts: list, resync: Callable[[], None], max_restarts: int):
-        self.rollouts, self.resync, self.max_restarts = rollouts, resync, max_restarts
+    def __init__(self, learner, rollouts: list, resync: Callable[[], None], max_restarts: int):
+        self.learner, self.rollouts, self.resync = learner, rollouts, resync
+        self.max_restarts = max_restarts
         self.failures = 0
 
     def __call__(self, what: str, fn: Callable[[], T]) -> T:
@@ -53,6 +54,8 @@ class RolloutGuard:
             try:
                 return fn()
             except (RayActorError, RayTaskError) as e:
+                # A weight sync also fails when the learner died: that is not ours to restart.
+                ray.get(self.learner.steps_done.remote(), timeout=RESTART_TIMEOUT_S)
                 self.failures += 1
                 if self.failures > self.max_restarts:
                     raise RolloutFailedError(

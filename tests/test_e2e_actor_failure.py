@@ -76,3 +76,28 @@ def test_killed_actor_leaves_no_orphans(run):
     _, _, events = run
     assert events["old_engine_exited"], "the killed actor's vLLM engine outlived it"
     assert events["orphans"] == []
+
+
+def test_learner_death_stops_cleanly_naming_the_last_checkpoint(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc, tag = start_cli([
+        "recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", f"run.dir={run_dir}",
+        "trainer.max_steps=4", "trainer.eval_every=0", "trainer.save_every=1",
+        "rollout.max_new_tokens=16", "rollout.kv_cache_gb=1", "grpo.group_size=4",
+        "grpo.prompts_per_step=1", "rewards.funcs=[tests/data/shaping_rewards.py:concise]",
+        "rewards.weights=[1.0]",
+    ], log)
+    try:
+        wait_for(lambda: len(metrics(run_dir)) >= 2, proc, 1800, log)
+        _one(tag, "ray::Learner").send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=600) == 1, log_tail(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        orphans = reap(tag)
+    last = log.read_text().rstrip().splitlines()[-1]
+    assert last.startswith("rlkd: error: learner actor died during step 3 ("), last
+    assert last.endswith(f"the last checkpoint, {run_dir}/checkpoint-2, is intact: continue with "
+                         f"trainer.resume=auto run.dir={run_dir}"), last
+    assert (run_dir / "checkpoint-2" / "trainer_state.pt").is_file()
+    assert orphans == []
