@@ -95,7 +95,9 @@ def test_learner_death_stops_cleanly_naming_the_last_checkpoint(tmp_path):
         if proc.poll() is None:
             proc.kill()
         orphans = reap(tag)
-    last = log.read_text().rstrip().splitlines()[-1]
+    errors = [line for line in log.read_text().splitlines() if line.startswith("rlkd: error:")]
+    assert len(errors) == 1, log_tail(log)
+    last = errors[0]
     assert last.startswith("rlkd: error: learner actor died during step 3 ("), last
     assert last.endswith(f"the last checkpoint, {run_dir}/checkpoint-2, is intact: continue with "
                          f"trainer.resume=auto run.dir={run_dir}"), last
