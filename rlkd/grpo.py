@@ -123,6 +123,8 @@ def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int, state: 
     checkpoints = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for partial_write in run_dir.glob("checkpoint-*.tmp"):  # left by a run killed mid-write
+        shutil.rmtree(partial_write, ignore_errors=True)
     return path
 
 
