@@ -22,7 +22,7 @@ from rewards.format import (
     format_think_partial,
 )
 from rewards.gsm8k import gsm8k_correct
-from rlkd.config import InputError
+from rlkd.config import InputError, RunStopped
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ REGISTRY: dict[str, Callable] = {
 }
 
 
-class RewardError(Exception):
+class RewardError(RunStopped):
     """A reward function failed or returned something that is not one score per completion."""
 
 
