@@ -1,6 +1,12 @@
 """End-to-end exact resume: a GRPO run SIGKILLed after step 2 and resumed with
 `trainer.resume=auto` logs the same per-step losses and ends with the same weights as an
 uninterrupted run (real CLI, Ray, vLLM and DeepSpeed on the embedded model, CPU, fixed seeds).
+
+The one nondeterminism left is vLLM's: on CPU its sampling logprobs differ between two fresh
+processes by ~1e-9 to 1e-6 (same weights, same seeds, same sampled tokens). The update sees
+them only through the truncated importance weight, so this test turns that off
+(`grpo.tis_cap=0`) and then asks for bit-identical losses and weights; the logprob
+diagnostics (`train/logp_mismatch`, `train/tis_weight_mean`) are compared within 1e-5.
 """
 
 import pytest
@@ -16,12 +22,13 @@ ARGS = [
     "recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", f"trainer.max_steps={STEPS}",
     "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2",
     "rollout.max_new_tokens=24", "rollout.kv_cache_gb=1", "grpo.group_size=4",
-    "grpo.prompts_per_step=2", "learner.lr=2e-5", "learner.warmup_steps=2",
+    "grpo.prompts_per_step=2", "grpo.tis_cap=0", "learner.lr=2e-5", "learner.warmup_steps=2",
     "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]", "rewards.weights=[1.0,0.5]",
 ]
 # Logged per step and fully determined by the weights, the prompts and the sampling seed.
-EXACT_KEYS = ["train/loss", "train/grad_norm", "train/lr", "reward/total_mean",
-              "completion/mean_tokens", "train/logp_mismatch", "train/clip_frac"]
+EXACT_KEYS = ["train/loss", "train/grad_norm", "train/lr", "train/entropy_proxy",
+              "train/clip_frac", "reward/total_mean", "completion/mean_tokens"]
+VLLM_NOISE_KEYS = ["train/logp_mismatch", "train/tis_weight_mean"]
 
 
 def _run(run_dir, extra, tmp_path, name, kill_after=None):
@@ -59,6 +66,8 @@ def test_resumed_run_matches_uninterrupted_run(runs):
     for row_a, row_b in zip(a, b, strict=True):
         for key in EXACT_KEYS:
             assert row_a[key] == row_b[key], (row_a["step"], key, row_a[key], row_b[key])
+        for key in VLLM_NOISE_KEYS:
+            assert abs(row_a[key] - row_b[key]) < 1e-5, (row_a["step"], key, row_a[key], row_b[key])
     w_a = load_file(straight / f"checkpoint-{STEPS}" / "model.safetensors")
     w_b = load_file(resumed / f"checkpoint-{STEPS}" / "model.safetensors")
     assert w_a.keys() == w_b.keys()
