@@ -28,7 +28,7 @@ from rlkd.eval import score
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.losses import group_advantages
 from rlkd.preflight import load_inputs, reward_name
-from rlkd.recovery import BadStepsError, RolloutGuard, learner_died, shutdown
+from rlkd.recovery import RolloutGuard, count_bad_steps, learner_died, shutdown
 from rlkd.resume import (
     checkpoint_step,
     driver_state,
@@ -193,12 +193,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             )
             with timer("train"):
                 metrics = ray.get(actors.learner.train_step.remote(batch))
-            bad_steps = bad_steps + 1 if metrics["train/skipped_steps"] else 0
-            if t.max_bad_steps and bad_steps >= t.max_bad_steps:
-                raise BadStepsError(
-                    f"{bad_steps} consecutive steps (up to step {step}) skipped for a NaN/inf loss "
-                    f"or gradient (trainer.max_bad_steps={t.max_bad_steps}); checkpoints are "
-                    "left as they were")
+            bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
             with timer("sync"):
                 guard("weight sync", partial(sync_weights, actors))
 

@@ -104,6 +104,17 @@ class BadStepsError(RunStopped):
     """Too many consecutive updates skipped for a NaN/inf loss or gradient."""
 
 
+def count_bad_steps(bad_steps: int, skipped: float, step: int, max_bad_steps: int) -> int:
+    """Consecutive steps with a skipped update, this one included; raises BadStepsError when
+    they reach `max_bad_steps` (0: never)."""
+    bad_steps = bad_steps + 1 if skipped else 0
+    if max_bad_steps and bad_steps >= max_bad_steps:
+        raise BadStepsError(
+            f"{bad_steps} consecutive steps (up to step {step}) skipped for a NaN/inf loss or "
+            f"gradient (trainer.max_bad_steps={max_bad_steps}); checkpoints are left as they were")
+    return bad_steps
+
+
 def learner_died(error: RayActorError, step: int, run_dir: Path) -> LearnerDiedError:
     found = complete_checkpoints(run_dir)
     last = (f"the last checkpoint, {found[-1]}, is intact: continue with trainer.resume=auto "

@@ -17,6 +17,7 @@ from transformers import LlamaForCausalLM
 from rlkd.config import InputError, load_config
 from rlkd.data import Example, PromptSampler
 from rlkd.learner import remove_stale_weight_dirs
+from rlkd.recovery import BadStepsError, count_bad_steps
 from rlkd.resume import (
     complete_checkpoints,
     driver_state,
@@ -157,3 +158,13 @@ def test_stale_weight_dirs_of_dead_learners_are_removed(tmp_path):
 def test_resume_auto_needs_run_dir():
     with pytest.raises(InputError, match=r"^trainer.resume=auto needs run.dir=<the run directory"):
         load_config("grpo_gsm8k", ["trainer.resume=auto"])
+
+
+def test_consecutive_skipped_steps_stop_the_run():
+    assert count_bad_steps(0, 1.0, step=4, max_bad_steps=3) == 1
+    assert count_bad_steps(1, 0.0, step=5, max_bad_steps=3) == 0  # a good step resets the count
+    assert count_bad_steps(1, 2.0, step=5, max_bad_steps=3) == 2
+    assert count_bad_steps(99, 1.0, step=5, max_bad_steps=0) == 100  # 0: never stops
+    with pytest.raises(BadStepsError, match=r"^3 consecutive steps \(up to step 7\) skipped for a "
+                                            r"NaN/inf loss or gradient \(trainer.max_bad_steps=3\)"):
+        count_bad_steps(2, 1.0, step=7, max_bad_steps=3)
