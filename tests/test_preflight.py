@@ -12,6 +12,7 @@ import ray
 from conftest import GSM8K_DIR
 
 from rlkd.config import InputError, load_config
+from rlkd.eval import main as eval_main
 from rlkd.preflight import load_inputs
 from rlkd.train import main
 
@@ -92,3 +93,10 @@ def test_cli_prints_one_line_before_starting_ray(overrides, expected, small_gsm8
     assert isinstance(message, str) and "\n" not in message
     assert message.startswith(f"rlkd: error: {expected.format(tmp=tmp_path)}"), message
     assert not ray.is_initialized()
+
+
+def test_eval_cli_checks_lengths_before_starting_vllm(small_gsm8k, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        eval_main([f"data.path={small_gsm8k}", f"run.dir={tmp_path}", "eval.max_new_tokens=1000"])
+    assert info.value.code.startswith(
+        "rlkd: error: eval.max_new_tokens=1000 does not fit: example gsm8k:test:"), info.value.code
