@@ -70,7 +70,9 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     """One learner and rollout.num_actors vLLM engines; picks the weight transport."""
     use_gpu = cfg.rollout.gpus_per_actor > 0
     # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
-    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
+    # A free port, not torch's default 29500: other jobs on the node may hold that one.
+    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
+        cfg, model_path, master_port=_free_port())
     rollouts = [
         RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor,
                              max_restarts=cfg.rollout.max_restarts).remote(
