@@ -3,6 +3,7 @@ one-line error once rollout.max_restarts is spent. The actors stand in for vLLM 
 method names), so this runs in seconds; test_e2e_actor_failure.py kills the real ones."""
 
 import os
+import re
 
 import pytest
 import ray
@@ -78,5 +79,7 @@ def test_failures_beyond_max_restarts_stop_with_one_line():
         guard("generate", lambda: ray.get(actor.generate.remote("step 5")))
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith("rollout failed 3 times, more than rollout.max_restarts=2; last, "
-                              "during generate: ActorDiedError: "), message
+    # Ray reports a call on a process that died as ActorDied or ActorUnavailable (connection
+    # reset), depending on which it notices first.
+    assert re.match(r"rollout failed 3 times, more than rollout.max_restarts=2; last, during "
+                    r"generate: Actor(Died|Unavailable)Error: ", message), message
