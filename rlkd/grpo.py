@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 
 from rewards import compute_rewards
@@ -228,7 +228,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             bar.set_postfix(_postfix(metrics))
         if saved < done:
             checkpoint()
-    except RayActorError as e:  # rollout failures are handled by the guard: the learner died
+    except (RayActorError, OutOfMemoryError) as e:  # the guard handles rollouts': the learner died
         raise learner_died(e, step, run_dir) from e
     except KeyboardInterrupt:
         # An update already sent to the learner finishes there: then its weights are one step

@@ -19,6 +19,7 @@ import ray
 from ray.exceptions import (
     ActorDiedError,
     ActorUnavailableError,
+    OutOfMemoryError,
     RayActorError,
     RayError,
     RayTaskError,
@@ -30,6 +31,9 @@ from rlkd.resume import complete_checkpoints
 logger = logging.getLogger("rlkd.recovery")
 T = TypeVar("T")
 RESTART_TIMEOUT_S = 900.0  # a vLLM engine starts in ~35 s on an idle CPU; minutes when busy
+# What a call on an actor raises when its process dies: killed, crashed, or killed by Ray's
+# memory monitor (which reports OutOfMemoryError instead of the actor's death).
+ACTOR_FAILURES = (RayActorError, RayTaskError, OutOfMemoryError)
 DIED_RETRIES = 30  # seconds of "actor died" answers tolerated while Ray notices and restarts it
 
 
@@ -53,7 +57,7 @@ class RolloutGuard:
         while True:
             try:
                 return fn()
-            except (RayActorError, RayTaskError) as e:
+            except ACTOR_FAILURES as e:
                 # A weight sync also fails when the learner died: that is not ours to restart.
                 ray.get(self.learner.steps_done.remote(), timeout=RESTART_TIMEOUT_S)
                 self.failures += 1
@@ -115,7 +119,7 @@ def count_bad_steps(bad_steps: int, skipped: float, step: int, max_bad_steps: in
     return bad_steps
 
 
-def learner_died(error: RayActorError, step: int, run_dir: Path) -> LearnerDiedError:
+def learner_died(error: RayError, step: int, run_dir: Path) -> LearnerDiedError:
     found = complete_checkpoints(run_dir)
     last = (f"the last checkpoint, {found[-1]}, is intact: continue with trainer.resume=auto "
             f"run.dir={run_dir}") if found else "no checkpoint was saved yet"
