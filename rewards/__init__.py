@@ -22,6 +22,7 @@ from rewards.format import (
     format_think_partial,
 )
 from rewards.gsm8k import gsm8k_correct
+from rlkd.config import InputError, RunStopped
 
 logger = logging.getLogger(__name__)
 
@@ -34,31 +35,31 @@ REGISTRY: dict[str, Callable] = {
 }
 
 
-class RewardError(Exception):
+class RewardError(RunStopped):
     """A reward function failed or returned something that is not one score per completion."""
 
 
 def load_reward(spec: str) -> Callable:
     """Resolve `spec` to a reward function: a `REGISTRY` name, `pkg.module:fn` or `file.py:fn`.
 
-    Raises ValueError with a one-line message naming the spec and what is wrong.
+    Raises InputError (a ValueError) with a one-line message naming the spec and what is wrong.
     """
     if spec in REGISTRY:
         return REGISTRY[spec]
     if ":" not in spec:
         close = difflib.get_close_matches(spec, REGISTRY, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
+        raise InputError(
             f"reward '{spec}': unknown name (built-ins: {', '.join(REGISTRY)}; "
             f"or use 'pkg.module:fn' / 'path/to/file.py:fn'){hint}"
         )
     where, _, attr = spec.rpartition(":")
     module = _load_file(spec, where) if where.endswith(".py") else _import(spec, where)
     if not hasattr(module, attr):
-        raise ValueError(f"reward '{spec}': '{where}' has no attribute '{attr}'")
+        raise InputError(f"reward '{spec}': '{where}' has no attribute '{attr}'")
     fn = getattr(module, attr)
     if not callable(fn):
-        raise ValueError(f"reward '{spec}': '{attr}' is not callable (got {type(fn).__name__})")
+        raise InputError(f"reward '{spec}': '{attr}' is not callable (got {type(fn).__name__})")
     return fn
 
 
@@ -66,13 +67,13 @@ def _import(spec: str, name: str):
     try:
         return importlib.import_module(name)
     except Exception as e:
-        raise ValueError(f"reward '{spec}': cannot import '{name}': {_one_line(e)}") from e
+        raise InputError(f"reward '{spec}': cannot import '{name}': {_one_line(e)}") from e
 
 
 def _load_file(spec: str, path: str):
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"reward '{spec}': file not found: {file.resolve()}")
+        raise InputError(f"reward '{spec}': file not found: {file.resolve()}")
     # A private module name per path, so two files both called rewards.py don't collide.
     module_spec = importlib.util.spec_from_file_location(
         f"_rlkd_reward_{abs(hash(file.resolve()))}", file
@@ -81,7 +82,7 @@ def _load_file(spec: str, path: str):
     try:
         module_spec.loader.exec_module(module)
     except Exception as e:
-        raise ValueError(f"reward '{spec}': error loading {file}: {_one_line(e)}") from e
+        raise InputError(f"reward '{spec}': error loading {file}: {_one_line(e)}") from e
     return module
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from math_verify import parse, verify
 
 TAIL_CHARS = 4096  # only the end of a completion can hold its final answer; bounds regex work
-VERIFY_TIMEOUT_S = 1.0  # per math-verify call, enforced by killing the forked child
+VERIFY_TIMEOUT_S = 0.8  # per math-verify call, enforced by killing the forked child; with
+# the fork and pipe round trip a reward call still returns within 1 s
 _MAX_VERIFY_CHARS = 512  # longer "answers" are junk; don't even send them to the verifier
 _CHILD_MEMORY_BYTES = 1 << 30  # address space a child may add on top of what it inherited
 _MATCH, _NO_MATCH = 10, 11  # child exit codes; anything else (crash, kill) means no match

@@ -26,7 +26,17 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 REPO_ROOT = RECIPES_DIR.parent
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad user input (config, data, model, reward, checkpoint) found before heavy work starts;
+    the message is one line naming the culprit, and the CLI prints it without a traceback."""
+
+
+class RunStopped(RuntimeError):
+    """A run stopped on purpose (repeated actor failures, NaN steps); one line says why and what
+    to resume from, and the CLI prints it without a traceback."""
+
+
+class ConfigError(InputError):
     """A bad recipe, key or value; the message is one line naming the culprit."""
 
 
@@ -146,6 +156,9 @@ class RolloutConfig:
     """Nucleus sampling threshold for training rollouts."""
     max_new_tokens: int = 128
     """Completion length cap during training."""
+    max_restarts: int = 3
+    """Times a dead rollout actor (killed, OOM, dead vLLM engine) is restarted with the current
+    weights and its generation retried; one more failure stops the run."""
 
 
 @dataclass
@@ -206,6 +219,15 @@ class TrainerConfig:
     """Save an HF checkpoint every N steps (0 saves only at the end)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints to keep; older ones are deleted."""
+    save_state: bool = True
+    """Checkpoints also hold optimizer, scheduler, RNG and data-cursor state (about 4x the size
+    of the weights), which `resume` needs to continue exactly."""
+    resume: str = ""
+    """`auto`: continue from the newest complete checkpoint in run.dir (start fresh if none); a
+    checkpoint directory: continue from it; empty: start fresh."""
+    max_bad_steps: int = 3
+    """Stop after this many consecutive steps whose update was skipped for a NaN/inf loss or
+    gradient (each skip is logged as train/skipped_steps); 0 never stops."""
 
 
 @dataclass
@@ -556,6 +578,10 @@ def validate(cfg: Config) -> None:
     if cfg.filter.min_mean_logprob > 0:
         raise ConfigError(f"filter.min_mean_logprob={cfg.filter.min_mean_logprob} must be <= 0 "
                           "(a mean log-probability)")
+    if cfg.trainer.resume == "auto" and not cfg.run.dir:
+        raise ConfigError("trainer.resume=auto needs run.dir=<the run directory to continue>")
+    if cfg.rollout.max_restarts < 0 or cfg.trainer.max_bad_steps < 0:
+        raise ConfigError("rollout.max_restarts and trainer.max_bad_steps must be >= 0")
     if cfg.eval.compare and len(cfg.eval.compare) != 2:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
 

@@ -18,7 +18,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from rlkd.answer import gold_answer
-from rlkd.config import DataConfig
+from rlkd.config import DataConfig, InputError
 
 logger = logging.getLogger("rlkd.data")
 
@@ -34,7 +34,7 @@ class Example:
     rationale: str  # GSM8K's human solution before '####'
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A missing source or a malformed row; the message is one line naming where."""
 
 

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlkd.answer import answers_match, extract_answer
-from rlkd.config import Config, ConfigError, DataConfig, from_cli
+from rlkd.config import Config, ConfigError, DataConfig, InputError, from_cli
 from rlkd.data import Example, build_prompt, load_split
 from rlkd.models import count_parameters, resolve_model
+from rlkd.preflight import check_context, check_prompt_lengths
 from rlkd.rollout import Generation, RolloutWorker, SamplingSpec
 from rlkd.stats import mcnemar_exact, mean_ci, wilson_interval
 from rlkd.tracking import make_run_dir
@@ -115,8 +116,10 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
     if cfg.eval.compare:
         return compare(*cfg.eval.compare, out=run_dir / "comparison.json")
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir or None)
+    check_context(str(model_path), cfg.model.max_model_len)
     examples = load_split(cfg.data, cfg.data.split, limit=cfg.eval.num_samples)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_prompt_lengths(tokenizer, examples, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
     spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens,
                         temperature=cfg.eval.temperature, seed=cfg.run.seed)
     start = time.perf_counter()
@@ -193,7 +196,10 @@ def compare(path_a: str, path_b: str, out: Path | None = None) -> dict[str, floa
 
 def main(argv: list[str]) -> None:
     cfg, recipe = from_cli(argv, "eval_gsm8k", forced=("task=eval",))
-    evaluate(cfg, make_run_dir(cfg, recipe))
+    try:
+        evaluate(cfg, make_run_dir(cfg, recipe))
+    except InputError as e:
+        raise SystemExit(f"rlkd: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -18,16 +18,24 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from rewards import compute_rewards, load_reward
+from rewards import compute_rewards
 from rlkd.config import Config
-from rlkd.data import PromptSampler, build_prompt, load_split
+from rlkd.data import PromptSampler, build_prompt
 from rlkd.eval import score
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.losses import group_advantages
-from rlkd.models import resolve_model
+from rlkd.preflight import load_inputs, reward_name
+from rlkd.recovery import RolloutGuard, count_bad_steps, learner_died, shutdown
+from rlkd.resume import (
+    checkpoint_step,
+    driver_state,
+    restore_driver_state,
+    resume_checkpoint,
+    truncate_metrics,
+)
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
 from rlkd.tracking import Timer, Tracker, plot_curves
 
@@ -64,9 +72,12 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     """One learner and rollout.num_actors vLLM engines; picks the weight transport."""
     use_gpu = cfg.rollout.gpus_per_actor > 0
     # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
-    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
+    # A free port, not torch's default 29500: other jobs on the node may hold that one.
+    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
+        cfg, model_path, master_port=_free_port())
     rollouts = [
-        RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
+        RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor,
+                             max_restarts=cfg.rollout.max_restarts).remote(
             model_path,
             max_model_len=cfg.model.max_model_len,
             dtype=cfg.rollout.dtype,
@@ -90,11 +101,6 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     return Actors(learner, rollouts, transport)
 
 
-def reward_name(spec: str) -> str:
-    """Metric name of a reward: `path/to/file.py:fn` and `pkg.mod:fn` are logged as `fn`."""
-    return spec.rsplit(":", 1)[-1]
-
-
 def repeat_each(items: list, n: int) -> list:
     """[a, b] -> [a, a, b, b] for n=2: per-prompt values laid out per completion."""
     return [x for x in items for _ in range(n)]
@@ -115,44 +121,65 @@ def sync_weights(actors: Actors) -> None:
     ray.get([r.update_weights.remote(update) for r in actors.rollouts])
 
 
-def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int) -> str:
-    path = ray.get(actors.learner.save_checkpoint.remote(str(run_dir / f"checkpoint-{step}")))
+def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int, state: dict | None = None) -> str:
+    """`state` (the driver's, for exact resume) makes the learner add its optimizer state."""
+    path = ray.get(actors.learner.save_checkpoint.remote(str(run_dir / f"checkpoint-{step}"), state))
     checkpoints = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for partial_write in run_dir.glob("checkpoint-*.tmp"):  # left by a run killed mid-write
+        shutil.rmtree(partial_write, ignore_errors=True)
     return path
 
 
 def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     """Run GRPO; returns the last step's metrics."""
     g, t = cfg.grpo, cfg.trainer
-    model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_set = load_split(cfg.data, cfg.data.split)
-    eval_set = load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples) if t.eval_every else []
-    reward_fns = {reward_name(spec): load_reward(spec) for spec in cfg.rewards.funcs}
-    if len(reward_fns) != len(cfg.rewards.funcs):
-        raise ValueError(f"rewards.funcs={cfg.rewards.funcs} names one function twice")
-    reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
+    inputs = load_inputs(cfg)
+    tokenizer, eval_set = inputs.tokenizer, inputs.eval_set
+    reward_fns, reward_weights = inputs.reward_fns, inputs.reward_weights
+    resume_from = resume_checkpoint(cfg, run_dir)
+    start_step = checkpoint_step(resume_from) if resume_from else 0
+    if start_step >= t.max_steps:
+        print(f"rlkd: {resume_from} is at step {start_step}, trainer.max_steps={t.max_steps}: "
+              "nothing left to train")
+        return {}
 
     init_ray(cfg)
-    actors = start_actors(cfg, model_path)
-    sampler = PromptSampler(train_set, cfg.run.seed)
-    tracker = Tracker(run_dir)
+    actors = start_actors(cfg, inputs.model_path)
+    sampler = PromptSampler(inputs.train_set, cfg.run.seed)
+    bad_steps = 0
+    guard = RolloutGuard(actors.learner, actors.rollouts, partial(sync_weights, actors),
+                         cfg.rollout.max_restarts)
+    truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    tracker = Tracker(run_dir, purge_step=start_step + 1)
     spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     metrics: dict[str, float] = {}
-    step = 0
-    bar = tqdm(range(1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True)
+    step = done = saved = start_step  # current, last finished and last checkpointed step
+    done_state = None
+
+    def checkpoint() -> None:
+        nonlocal saved
+        save_checkpoint(actors, run_dir, done, t.keep_checkpoints, done_state)
+        saved = done
+
+    bar = tqdm(range(start_step + 1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True,
+               initial=start_step, total=t.max_steps)
     try:
+        if resume_from:
+            state = ray.get(actors.learner.load_checkpoint.remote(str(resume_from)))
+            _, bad_steps = restore_driver_state(state, sampler)
+            sync_weights(actors)
+            bar.write(f"rlkd: resumed from {resume_from}")
         for step in bar:
             timer, start = Timer(), time.perf_counter()
             examples = sampler.next(g.prompts_per_step)
             prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
             spec.seed = cfg.run.seed * 1_000_003 + step
             with timer("generate"):
-                gen = generate_sharded(actors.rollouts, prompts, spec)
+                gen = guard("generate", partial(generate_sharded, actors.rollouts, prompts, spec))
             with timer("reward"):
                 rewards_N, per_fn, errors = compute_rewards(
                     reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
@@ -170,11 +197,13 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             )
             with timer("train"):
                 metrics = ray.get(actors.learner.train_step.remote(batch))
+            bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
             with timer("sync"):
-                sync_weights(actors)
+                guard("weight sync", partial(sync_weights, actors))
 
             lengths = [len(c) for c in gen.completion_ids]
             metrics.update(timer.metrics())
+            metrics["rollout/failures"] = guard.failures
             metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
             metrics.update({
                 "reward/total_mean": sum(rewards_N) / len(rewards_N),
@@ -189,24 +218,34 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                 if errors.get(name):
                     metrics[f"reward_errors/{name}"] = errors[name]
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                _, eval_metrics = score(partial(generate_sharded, actors.rollouts), tokenizer,
-                                        eval_set, cfg.data, eval_spec)
+                _, eval_metrics = guard("eval", partial(
+                    score, partial(generate_sharded, actors.rollouts), tokenizer, eval_set,
+                    cfg.data, eval_spec))
                 metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+            done = step
+            done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
             if t.save_every and step % t.save_every == 0:
-                save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+                checkpoint()
             tracker.log(step, metrics)
             bar.set_postfix(_postfix(metrics))
-        save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+        if saved < done:
+            checkpoint()
+    except (RayActorError, OutOfMemoryError) as e:  # the guard handles rollouts': the learner died
+        raise learner_died(e, step, run_dir) from e
     except KeyboardInterrupt:
-        bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
-        if step:
-            save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+        # An update already sent to the learner finishes there: then its weights are one step
+        # past `done` and no checkpoint of them can be resumed exactly.
+        if saved < done and ray.get(actors.learner.steps_done.remote()) == done:
+            bar.write(f"interrupted after step {done}: saving a checkpoint before exiting")
+            checkpoint()
+        else:
+            bar.write(f"interrupted in step {step}; the last checkpoint is step {saved}")
         raise
     finally:
         bar.close()
         tracker.close()
         _plots(run_dir, cfg)
-        ray.get([actors.learner.close.remote(), *(r.shutdown.remote() for r in actors.rollouts)])
+        shutdown(actors.learner, actors.rollouts)
     return metrics
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
+import psutil
 import ray
 import torch
 from safetensors.torch import save, save_file
@@ -23,6 +24,8 @@ from rlkd.config import REPO_ROOT, Config
 from rlkd.losses import grpo_loss, selective_log_softmax, sft_loss
 from rlkd.rollout import WeightUpdate
 
+DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint: optimizer and scheduler state
+TRAINER_STATE = "trainer_state.pt"  # present only in checkpoints that can be resumed
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -159,7 +162,8 @@ class Learner:
         self.micro_per_step = micro_per_step
         self.zero3 = self.engine.zero_optimization_stage() == 3
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        self.shm_dir = shm / f"rlkd-weights-{uuid.uuid4().hex[:8]}"
+        remove_stale_weight_dirs(shm)
+        self.shm_dir = shm / f"rlkd-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.version = 0
         self.nccl = None
 
@@ -194,6 +198,7 @@ class Learner:
         ref = self._frozen_logprobs(self.reference, batch) if self.reference is not None else None
         sums: dict[str, float] = {}
         weight_total = 0.0
+        skipped_before = self.engine.skipped_steps
         rng = torch.Generator().manual_seed(self.cfg.run.seed + self.version)
         mbs = self.cfg.learner.micro_batch_size
         for _ in range(g.ppo_epochs):
@@ -230,6 +235,8 @@ class Learner:
         out = {f"train/{k}": v / max(weight_total, 1e-9) for k, v in sums.items()}
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
+        # DeepSpeed skips (and zeroes) an optimizer step whose gradient norm is NaN/inf.
+        out["train/skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
         out["time/learner_compute"] = time.perf_counter() - start
         self.version += 1
         return out
@@ -352,12 +359,19 @@ class Learner:
         self.nccl.send_weights()
         return time.perf_counter() - start
 
-    def save_checkpoint(self, path: str) -> str:
+    def save_checkpoint(self, path: str, trainer_state: dict | None = None) -> str:
         """HF checkpoint (weights + tokenizer) written to a temp dir and renamed into place, so
-        a kill mid-write never leaves a checkpoint that looks complete."""
+        a kill mid-write never leaves a checkpoint that looks complete. With `trainer_state`
+        (the driver's step, data cursor and RNG) it also holds DeepSpeed's optimizer and
+        scheduler state and this learner's RNG: everything `load_checkpoint` needs to resume."""
         final = Path(path)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        if trainer_state is not None:
+            self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+            learner = {"version": self.version, "torch_rng": torch.get_rng_state(),
+                       "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            torch.save({**trainer_state, "learner": learner}, tmp / TRAINER_STATE)
         self.engine.module.save_pretrained(tmp, state_dict=self._named_weights() if self.zero3 else None)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
         gen_cfg = Path(self.model_path) / "generation_config.json"
@@ -367,11 +381,36 @@ class Learner:
         os.replace(tmp, final)
         return str(final)
 
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore weights, optimizer, scheduler and RNG from `save_checkpoint(path, state)`;
+        returns the driver's part of the state."""
+        self.engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                    load_lr_scheduler_states=True)
+        state = torch.load(Path(path) / TRAINER_STATE, weights_only=False)
+        learner = state.pop("learner")
+        self.version = learner["version"]
+        torch.set_rng_state(learner["torch_rng"])
+        if learner["cuda_rng"]:
+            torch.cuda.set_rng_state_all(learner["cuda_rng"])
+        return state
+
+    def steps_done(self) -> int:
+        """Training steps applied since the start of the run (resumes included)."""
+        return self.version
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
     def close(self) -> None:
         shutil.rmtree(self.shm_dir, ignore_errors=True)
+
+
+def remove_stale_weight_dirs(shm: Path) -> None:
+    """Delete weight-sync dirs left by learners that died without `close` (SIGKILL, OOM)."""
+    for path in shm.glob("rlkd-weights-*-*"):
+        pid = path.name.split("-")[2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 LearnerActor = ray.remote(Learner)

@@ -24,6 +24,8 @@ from huggingface_hub import HfApi, snapshot_download
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from rlkd.config import InputError
+
 
 @dataclass(frozen=True)
 class EmbeddedModel:
@@ -47,7 +49,7 @@ HUB_TIMEOUT_S = 10
 HUB_IGNORE = ["*.onnx", "onnx/*", "*.gguf", "*.h5", "*.msgpack", "*.ot", "*.tflite", "original/*"]
 
 
-class ModelNotFoundError(Exception):
+class ModelNotFoundError(InputError):
     pass
 
 

@@ -14,9 +14,12 @@ Two weight transports share one entry point, `update_weights`:
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import ray
 
 # vLLM reads these at import time: a callable must be allowed through collective_rpc, and the
@@ -99,6 +102,24 @@ def _load_weights_in_worker(worker, path: str | None, blob: bytes | None) -> int
     return len(state)
 
 
+def _die_with_process(worker, pid: int, create_time: float) -> None:
+    """Runs inside each vLLM worker: when the rollout actor's process is gone (killed, OOM), kill
+    this process too, or its engine (several GiB) would outlive it as an orphan."""
+
+    def watch():
+        while True:
+            try:
+                if psutil.Process(pid).create_time() != create_time:  # pid reused
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if pid != os.getpid():  # in-process engine: it dies with the actor anyway
+        threading.Thread(target=watch, daemon=True, name="rlkd-die-with-actor").start()
+
+
 class RolloutWorker:
     """Owns one vLLM engine. Plain class: `RolloutActor` is its Ray actor, eval uses it bare."""
 
@@ -138,6 +159,8 @@ class RolloutWorker:
             logprobs_mode=logprobs_mode,
             **extra,
         )
+        me = psutil.Process()
+        self.llm.collective_rpc(_die_with_process, args=(me.pid, me.create_time()))
         self.startup_seconds = time.perf_counter() - start
         self.version = 0
 
@@ -197,6 +220,10 @@ class RolloutWorker:
 
     def ready(self) -> float:
         return self.startup_seconds
+
+    def check_engine(self) -> None:
+        """Raises if the vLLM engine is dead (its process killed) while this actor lives on."""
+        self.llm.generate(["ping"], vllm.SamplingParams(max_tokens=1), use_tqdm=False)
 
 
 RolloutActor = ray.remote(RolloutWorker)

@@ -2,7 +2,7 @@
 
 import sys
 
-from rlkd.config import Config, Task, from_cli
+from rlkd.config import Config, InputError, RunStopped, Task, from_cli
 from rlkd.tracking import make_run_dir
 
 # Task modules import Ray, vLLM and DeepSpeed (~30 s); they load only after the config is
@@ -40,7 +40,10 @@ def main(argv: list[str]) -> None:
     cfg, recipe = from_cli(argv, default_recipe=None)
     run_dir = make_run_dir(cfg, recipe)
     print(f"rlkd: {cfg.task.value} run in {run_dir}")
-    TASKS[cfg.task](cfg, run_dir)
+    try:
+        TASKS[cfg.task](cfg, run_dir)
+    except (InputError, RunStopped) as e:
+        raise SystemExit(f"rlkd: error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""Everything a training run reads from the user, loaded and checked before Ray, vLLM or
+DeepSpeed start: a bad model, data file, reward or length is a one-line InputError."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from rewards import load_reward
+from rlkd.config import Config, InputError
+from rlkd.data import Example, build_prompt, load_split
+from rlkd.models import resolve_model
+
+
+@dataclass
+class Inputs:
+    model_path: str
+    tokenizer: object
+    train_set: list[Example]
+    eval_set: list[Example]
+    reward_fns: dict[str, Callable]
+    reward_weights: dict[str, float]
+
+
+def reward_name(spec: str) -> str:
+    """Metric name of a reward: `path/to/file.py:fn` and `pkg.mod:fn` are logged as `fn`."""
+    return spec.rsplit(":", 1)[-1]
+
+
+def load_inputs(cfg: Config) -> Inputs:
+    t = cfg.trainer
+    model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
+    check_context(model_path, cfg.model.max_model_len)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_set = load_split(cfg.data, cfg.data.split)
+    eval_set = load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples) if t.eval_every else []
+    check_prompt_lengths(tokenizer, train_set, cfg, "rollout.max_new_tokens", cfg.rollout.max_new_tokens)
+    check_prompt_lengths(tokenizer, eval_set, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
+    reward_fns = {reward_name(spec): load_reward(spec) for spec in cfg.rewards.funcs}
+    if len(reward_fns) != len(cfg.rewards.funcs):
+        raise InputError(f"rewards.funcs={cfg.rewards.funcs} names one function twice")
+    reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
+    return Inputs(model_path, tokenizer, train_set, eval_set, reward_fns, reward_weights)
+
+
+def check_context(model_path: str, max_model_len: int) -> None:
+    """vLLM refuses a context longer than the model's positions, but only after start-up."""
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    limit = config.get("max_position_embeddings")
+    if limit and max_model_len > limit:
+        raise InputError(
+            f"model.max_model_len={max_model_len} exceeds the model's context of {limit} tokens "
+            f"({model_path}/config.json max_position_embeddings)"
+        )
+
+
+def check_prompt_lengths(tokenizer, examples: list[Example], cfg: Config, key: str,
+                         max_new_tokens: int) -> None:
+    """Every prompt plus `max_new_tokens` must fit in model.max_model_len; names the longest."""
+    if not examples:
+        return
+    prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
+    # Counted with special tokens, as vLLM tokenises text prompts: never under the real length.
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    longest = max(range(len(examples)), key=lengths.__getitem__)
+    room = cfg.model.max_model_len - lengths[longest]
+    if max_new_tokens > room:
+        raise InputError(
+            f"{key}={max_new_tokens} does not fit: example {examples[longest].id} has a "
+            f"{lengths[longest]}-token prompt and model.max_model_len={cfg.model.max_model_len}; "
+            f"lower {key} to <= {max(room, 0)} or raise model.max_model_len"
+        )

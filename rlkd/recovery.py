@@ -1,0 +1,140 @@
+"""Surviving actor failures.
+
+A rollout actor that dies mid-step (its process killed, OOM, its vLLM engine dead) is restarted
+by Ray (`max_restarts`), brought back to the learner's current weights, and the step's
+generation or weight sync is retried; after `rollout.max_restarts` failures the run stops with
+a one-line error. The learner holds the only copy of the optimizer state, so its death stops
+the run, pointing at the last checkpoint to resume from.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import ray
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    OutOfMemoryError,
+    RayActorError,
+    RayError,
+    RayTaskError,
+)
+
+from rlkd.config import RunStopped
+from rlkd.resume import complete_checkpoints
+
+logger = logging.getLogger("rlkd.recovery")
+T = TypeVar("T")
+RESTART_TIMEOUT_S = 900.0  # a vLLM engine starts in ~35 s on an idle CPU; minutes when busy
+# What a call on an actor raises when its process dies: killed, crashed, or killed by Ray's
+# memory monitor (which reports OutOfMemoryError instead of the actor's death).
+ACTOR_FAILURES = (RayActorError, RayTaskError, OutOfMemoryError)
+DIED_RETRIES = 30  # seconds of "actor died" answers tolerated while Ray notices and restarts it
+
+
+class RolloutFailedError(RunStopped):
+    """Rollout actors failed more often than rollout.max_restarts allows."""
+
+
+class LearnerDiedError(RunStopped):
+    """The learner actor died; the run stops and can be resumed from its last checkpoint."""
+
+
+class RolloutGuard:
+    """Runs a call on the rollout actors, restoring them and retrying when one fails."""
+
+    def __init__(self, learner, rollouts: list, resync: Callable[[], None], max_restarts: int):
+        self.learner, self.rollouts, self.resync = learner, rollouts, resync
+        self.max_restarts = max_restarts
+        self.failures = 0
+
+    def __call__(self, what: str, fn: Callable[[], T]) -> T:
+        while True:
+            try:
+                return fn()
+            except ACTOR_FAILURES as e:
+                # A weight sync also fails when the learner died: that is not ours to restart.
+                ray.get(self.learner.steps_done.remote(), timeout=RESTART_TIMEOUT_S)
+                self.failures += 1
+                if self.failures > self.max_restarts:
+                    raise RolloutFailedError(
+                        f"rollout failed {self.failures} times, more than "
+                        f"rollout.max_restarts={self.max_restarts}; last, during {what}: "
+                        f"{one_line(e)}"
+                    ) from e
+                logger.warning("rollout failure %d/%d during %s (%s); restarting and retrying",
+                               self.failures, self.max_restarts, what, one_line(e))
+                try:
+                    for actor in self.rollouts:
+                        restore(actor)
+                    # A restarted engine holds the initial weights: push the current ones to all.
+                    self.resync()
+                except (RayError, TimeoutError) as restart_error:
+                    raise RolloutFailedError(
+                        f"rollout actor could not be restarted after a failure during {what} "
+                        f"({one_line(e)}): {one_line(restart_error)}"
+                    ) from restart_error
+
+
+def restore(actor) -> None:
+    """Wait until `actor` answers with a working engine; an actor alive around a dead engine is
+    killed so that Ray restarts it."""
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    died = 0
+    while True:
+        try:
+            ray.get(actor.check_engine.remote(), timeout=RESTART_TIMEOUT_S)
+            return
+        except ActorUnavailableError:  # restarting: refused until it is up again
+            if time.monotonic() > deadline:
+                raise
+        except ActorDiedError:
+            # Calls that reached the old process before it died fail like this too; an actor
+            # out of restarts fails every call.
+            died += 1
+            if died > DIED_RETRIES:
+                raise
+        except RayTaskError:
+            ray.kill(actor, no_restart=False)
+        time.sleep(1.0)
+
+
+class BadStepsError(RunStopped):
+    """Too many consecutive updates skipped for a NaN/inf loss or gradient."""
+
+
+def count_bad_steps(bad_steps: int, skipped: float, step: int, max_bad_steps: int) -> int:
+    """Consecutive steps with a skipped update, this one included; raises BadStepsError when
+    they reach `max_bad_steps` (0: never)."""
+    bad_steps = bad_steps + 1 if skipped else 0
+    if max_bad_steps and bad_steps >= max_bad_steps:
+        raise BadStepsError(
+            f"{bad_steps} consecutive steps (up to step {step}) skipped for a NaN/inf loss or "
+            f"gradient (trainer.max_bad_steps={max_bad_steps}); checkpoints are left as they were")
+    return bad_steps
+
+
+def learner_died(error: RayError, step: int, run_dir: Path) -> LearnerDiedError:
+    found = complete_checkpoints(run_dir)
+    last = (f"the last checkpoint, {found[-1]}, is intact: continue with trainer.resume=auto "
+            f"run.dir={run_dir}") if found else "no checkpoint was saved yet"
+    return LearnerDiedError(f"learner actor died during step {step} ({one_line(error)}); {last}")
+
+
+def shutdown(learner, rollouts: list) -> None:
+    """Close every actor that still answers; a dead one must not hide the error that killed it."""
+    for ref in [learner.close.remote(), *(r.shutdown.remote() for r in rollouts)]:
+        try:
+            ray.get(ref, timeout=120)
+        except (RayError, TimeoutError) as e:
+            logger.warning("actor shutdown failed: %s", one_line(e))
+
+
+def one_line(e: BaseException) -> str:
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__

@@ -1,0 +1,85 @@
+"""RolloutGuard on real Ray actors whose processes die: restart, re-sync, retry, and the
+one-line error once rollout.max_restarts is spent. The actors stand in for vLLM engines (same
+method names), so this runs in seconds; test_e2e_actor_failure.py kills the real ones."""
+
+import os
+import re
+
+import pytest
+import ray
+
+from rlkd.recovery import RolloutFailedError, RolloutGuard
+
+pytestmark = pytest.mark.e2e  # starts a Ray instance
+
+
+@ray.remote
+class Counter:
+    """Counts across restarts of the flaky actors (a restarted actor loses its own state)."""
+
+    def __init__(self):
+        self.counts = {}
+
+    def bump(self, key: str) -> int:
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return self.counts[key]
+
+    def steps_done(self) -> int:  # also the (healthy) learner the guard checks on a failure
+        return 0
+
+
+@ray.remote(max_restarts=5)
+class Flaky:
+    """Its process exits on the first `crashes` generate calls, counted across restarts."""
+
+    def __init__(self, counter, crashes: int):
+        self.counter, self.crashes, self.weights = counter, crashes, 0
+
+    def generate(self, prompt: str) -> str:
+        if ray.get(self.counter.bump.remote("generate")) <= self.crashes:
+            os._exit(1)
+        return f"{prompt} with weights {self.weights}"
+
+    def check_engine(self) -> None:
+        pass
+
+    def update_weights(self, version: int) -> None:
+        self.weights = version
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _guard(crashes, max_restarts):
+    counter = Counter.remote()
+    actor = Flaky.remote(counter, crashes)
+    syncs = []
+
+    def resync():
+        syncs.append(1)
+        ray.get(actor.update_weights.remote(7))
+
+    return actor, RolloutGuard(counter, [actor], resync, max_restarts), syncs
+
+
+def test_dead_actor_is_restarted_resynced_and_the_call_retried():
+    actor, guard, syncs = _guard(crashes=2, max_restarts=3)
+    out = guard("generate", lambda: ray.get(actor.generate.remote("step 5")))
+    assert out == "step 5 with weights 7"  # the restarted actor got the current weights
+    assert guard.failures == 2 and len(syncs) == 2
+
+
+def test_failures_beyond_max_restarts_stop_with_one_line():
+    actor, guard, _ = _guard(crashes=3, max_restarts=2)
+    with pytest.raises(RolloutFailedError) as info:
+        guard("generate", lambda: ray.get(actor.generate.remote("step 5")))
+    message = str(info.value)
+    assert "\n" not in message
+    # Ray reports a call on a process that died as ActorDied or ActorUnavailable (connection
+    # reset), depending on which it notices first.
+    assert re.match(r"rollout failed 3 times, more than rollout.max_restarts=2; last, during "
+                    r"generate: Actor(Died|Unavailable)Error: ", message), message
