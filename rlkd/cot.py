@@ -32,6 +32,7 @@ from rlkd.data import Example, build_prompt, load_split
 from rlkd.filters import apply_filters, report_markdown, strip_calculator
 from rlkd.grpo import init_ray
 from rlkd.models import resolve_model
+from rlkd.recovery import shutdown
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
 
 _ANSWER_LINE_END_RE = re.compile(r"####[ \t]*[^\n]*\d[^\n]*")
@@ -212,7 +213,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 ray.get([r.ready.remote() for r in rollouts])
                 samples, throughput = generate_samples(cfg, tokenizer, examples, rollouts)
             finally:
-                ray.get([r.shutdown.remote() for r in rollouts])
+                shutdown(None, rollouts)
     kept, report = apply_filters(samples, cfg.filter)
     report["throughput"] = throughput
     write_outputs(samples, kept, report, cfg, run_dir)

@@ -74,7 +74,7 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
     # A free port, not torch's default 29500: other jobs on the node may hold that one.
     learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
-        cfg, model_path, master_port=_free_port())
+        cfg, model_path, master_port=free_port())
     rollouts = [
         RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor,
                              max_restarts=cfg.rollout.max_restarts).remote(
@@ -93,7 +93,7 @@ def start_actors(cfg: Config, model_path: str) -> Actors:
     if use_gpu:
         transport = "nccl"
         world = 1 + cfg.rollout.num_actors  # the learner sends as rank 0
-        ray.get(learner.init_nccl_sync.remote(rollouts, _free_port(), world))
+        ray.get(learner.init_nccl_sync.remote(rollouts, free_port(), world))
     else:
         nodes = set(ray.get([r.node_id.remote() for r in rollouts]))
         same_node = nodes == {ray.get(learner.node_id.remote())}
@@ -106,7 +106,7 @@ def repeat_each(items: list, n: int) -> list:
     return [x for x in items for _ in range(n)]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

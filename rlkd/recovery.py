@@ -127,8 +127,10 @@ def learner_died(error: RayError, step: int, run_dir: Path) -> LearnerDiedError:
 
 
 def shutdown(learner, rollouts: list) -> None:
-    """Close every actor that still answers; a dead one must not hide the error that killed it."""
-    for ref in [learner.close.remote(), *(r.shutdown.remote() for r in rollouts)]:
+    """Close every actor that still answers (learner may be None); a dead one must not hide the
+    error that killed it."""
+    refs = [learner.close.remote()] if learner is not None else []
+    for ref in [*refs, *(r.shutdown.remote() for r in rollouts)]:
         try:
             ray.get(ref, timeout=120)
         except (RayError, TimeoutError) as e:

@@ -28,9 +28,10 @@ from rlkd.config import Config, ConfigError, SFTTarget
 from rlkd.cot import gold_text
 from rlkd.data import build_prompt, load_split
 from rlkd.eval import score
-from rlkd.grpo import Actors, init_ray, save_checkpoint, sync_weights
+from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.models import resolve_model
+from rlkd.recovery import shutdown
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
 from rlkd.tracking import Tracker, plot_curves
 
@@ -126,7 +127,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
          "target": s.target.value, "source": s.data or f"gsm8k gold rationales ({cfg.data.split})"}, indent=2))
 
     init_ray(cfg)
-    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
+    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
+        cfg, model_path, master_port=free_port())
     rollouts = [RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
         model_path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
         enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
@@ -172,5 +174,5 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         plot_curves(run_dir / "metrics.jsonl", ["train/loss", "eval/heldout_nll"], run_dir / "loss.png",
                     "SFT loss (token-mean NLL)")
         plot_curves(run_dir / "metrics.jsonl", ["eval/accuracy"], run_dir / "accuracy.png", "SFT held-out accuracy")
-        ray.get([learner.close.remote(), *(r.shutdown.remote() for r in rollouts)])
+        shutdown(learner, rollouts)
     return metrics
