@@ -58,11 +58,13 @@ def init_ray(cfg: Config) -> None:
     )
 
 
-def start_actors(cfg: Config, model_path: str) -> Actors:
-    """One learner and rollout.num_actors vLLM engines; picks the weight transport."""
+def start_actors(cfg: Config, model_path: str, learner: ray.actor.ActorHandle | None = None) -> Actors:
+    """One learner (a new LearnerActor unless given) and rollout.num_actors vLLM engines;
+    picks the weight transport."""
     use_gpu = cfg.rollout.gpus_per_actor > 0
     # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
-    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
+    if learner is None:
+        learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
     rollouts = [
         RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
             model_path,

@@ -21,7 +21,13 @@ def _eval(cfg: Config, run_dir) -> None:
     evaluate(cfg, run_dir)
 
 
-TASKS = {Task.grpo: _grpo, Task.eval: _eval}
+def _distill(cfg: Config, run_dir) -> None:
+    from rlkd.distill import train
+
+    train(cfg, run_dir)
+
+
+TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.distill: _distill}
 
 
 def main(argv: list[str]) -> None:
