@@ -173,7 +173,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             else:
                 metrics_extra = {}
             with timer("teacher"):
-                scores = teacher_logprobs(prompt_ids, completion_ids) if d.objective == DistillObjective.minillm else []
+                minillm_actors = teachers and d.objective == DistillObjective.minillm
+                scores = teacher_logprobs(prompt_ids, completion_ids) if minillm_actors else []
             sft = sft_sampler.next(N) if d.lm_coef else []
             batch = DistillBatch(
                 prompt_ids, completion_ids, scores, advantages,

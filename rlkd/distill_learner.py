@@ -36,7 +36,9 @@ class DistillBatch:
 
     prompt_ids: list[list[int]]  # [N] ragged
     completion_ids: list[list[int]]  # [N] ragged: student samples, or reference solutions
-    teacher_logprobs: list[list[list[float]]]  # [K][N] ragged: log p_k of each completion token
+    # [K][N] ragged: log p_k of each completion token, from vLLM teacher actors; [] when the
+    # learner holds the teachers and reads them off its own teacher forward.
+    teacher_logprobs: list[list[list[float]]]
     task_advantages: list[float]  # [N]: group advantages of rewards.funcs (0 when unused)
     sft_prompt_ids: list[list[int]] = field(default_factory=list)  # [N] or []: LM-term data
     sft_completion_ids: list[list[int]] = field(default_factory=list)
@@ -98,6 +100,9 @@ class DistillLearner(Learner):
             loss, metrics = self._distill_loss(batch, idx)
             share = sum(len(batch.completion_ids[i]) for i in idx) / denom
             total = loss * share
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v * share
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() * share
             if d.lm_coef and batch.sft_completion_ids:
                 sft = TrainBatch([batch.sft_prompt_ids[i] for i in idx],
                                  [batch.sft_completion_ids[i] for i in idx],
@@ -109,13 +114,10 @@ class DistillLearner(Learner):
                 lm, lm_metrics = sft_loss(logprobs_BT, t["mask_BT"].to(self.device))
                 sft_share = sum(len(c) for c in sft.completion_ids) / sft_denom
                 total = total + d.lm_coef * lm * sft_share
-                metrics["lm_nll"] = lm_metrics["nll"] * sft_share / max(share, 1e-9)
+                sums["lm_nll"] = sums.get("lm_nll", 0.0) + lm_metrics["nll"] * sft_share
             # DeepSpeed divides by gradient_accumulation_steps; undo it (see Learner.train_step).
             self.engine.backward(total * self.micro_per_step)
             self.engine.step()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * share
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() * share
         out = {f"train/{k}": v for k, v in sums.items()}
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
@@ -148,11 +150,15 @@ class DistillLearner(Learner):
             loss, m = forward_kl_loss(logits_BTV, teacher_logits_BTV, mask_BT, d.temperature)
             return loss, {**metrics, **m}
         logprobs_BT = selective_log_softmax(logits_BTV, ids_BL[:, 1:])
-        offsets = [len(p) - 1 for p in rows.prompt_ids]
-        teacher_lp_KBT = torch.stack([_pad_rows([scores[i] for i in idx], logprobs_BT, offsets)
-                                      for scores in batch.teacher_logprobs])
-        w_KB, w_metrics = self._teacher_weights(teacher_lp_KBT, mask_BT)
-        teacher_lp_BT = mix_teachers(teacher_lp_KBT, w_KB)
+        if batch.teacher_logprobs:
+            offsets = [len(p) - 1 for p in rows.prompt_ids]
+            teacher_lp_KBT = torch.stack([_pad_rows([scores[i] for i in idx], logprobs_BT, offsets)
+                                          for scores in batch.teacher_logprobs])
+            w_KB, w_metrics = self._teacher_weights(teacher_lp_KBT, mask_BT)
+            teacher_lp_BT = mix_teachers(teacher_lp_KBT, w_KB)
+        else:  # in-process teachers: the sampled tokens' logprobs under the mixed target
+            teacher_lp_BT = teacher_logits_BTV.gather(-1, ids_BL[:, 1:, None]).squeeze(-1)
+            w_metrics = {}
         returns_BT, r_metrics = minillm_token_rewards(
             logprobs_BT.detach(), teacher_lp_BT, mask_BT, gamma=d.gamma,
             length_norm=d.length_norm, from_next=d.single_step)
@@ -169,7 +175,7 @@ class DistillLearner(Learner):
             single_step_coef=d.single_step_coef,
             task_advantages_B=torch.tensor([batch.task_advantages[i] for i in idx], device=self.device),
             task_coef=d.task_coef)
-        return loss, {**w_metrics, **r_metrics, **mix_metrics, **m}
+        return loss, {**metrics, **w_metrics, **r_metrics, **mix_metrics, **m}
 
     # ---- teacher scoring and mixed sampling ------------------------------------------------
 

@@ -2,6 +2,7 @@
 DeepSpeed, gloo, CPU)."""
 
 import random
+import socket
 
 import pytest
 import torch
@@ -22,6 +23,16 @@ from rlkd.prune import parse_layers, prune
 from rlkd.teacher import VocabMismatchError, shared_vocab_size
 
 V = 64
+
+
+def _free_port() -> int:
+    # A fixed port collides with another test session on the same machine.
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+PORT = _free_port()
 
 
 def make_model(path, seed, vocab_size=V, layers=4, tokens=V):
@@ -57,7 +68,7 @@ def _learner(student, teachers, *overrides) -> DistillLearner:
     cfg = load_config("minillm_gsm8k", ["grpo.group_size=4", "grpo.prompts_per_step=2",
                                         "learner.lr=1e-3", "rollout.max_new_tokens=16",
                                         "student.init=model", *overrides])
-    return DistillLearner(cfg, student, teachers, V, master_port=29732)
+    return DistillLearner(cfg, student, teachers, V, master_port=PORT)
 
 
 def _params(learner):
@@ -88,6 +99,22 @@ def test_micro_batches_equal_one_full_batch_step(tiny, overrides):
         # Adam's first step moves each weight by ~lr = 1e-3 whatever the gradient's size, so
         # a wrong micro-batch weighting shows at that scale; summation order gives ~1e-6.
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_in_process_teacher_scores_equal_shipped_ones(tiny):
+    # With the teachers in the learner, MiniLLM reads their logprobs off its own forward; the
+    # result must be the step it takes on logprobs shipped in the batch.
+    student, teacher = tiny
+    batch = _batch(seed=5)
+    shipped = _learner(student, [teacher])
+    batch.teacher_logprobs = shipped.teacher_logprobs(batch.prompt_ids, batch.completion_ids)
+    a = shipped.distill_step(batch)
+    batch.teacher_logprobs = []
+    local = _learner(student, [teacher])
+    b = local.distill_step(batch)
+    assert a["train/token_reward_mean"] == pytest.approx(b["train/token_reward_mean"], abs=1e-5)
+    for x, y in zip(shipped.engine.module.parameters(), local.engine.module.parameters(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 def test_gkd_steps_shrink_the_divergence(tiny):
