@@ -19,6 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlkd.models import count_parameters, resolve_model
 
 
+class LayerSpecError(ValueError):
+    """A `student.layers` value that does not name layers of the teacher."""
+
+
 def parse_layers(spec: str, num_layers: int) -> list[int]:
     """Indices of the layers to keep: `every_other` (0, 2, 4, ...), `first:K`, or `i,j,k`."""
     spec = spec.strip()
@@ -28,19 +32,19 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
         try:
             k = int(spec.split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"student.layers={spec!r}: expected first:K with an integer K") from None
+            raise LayerSpecError(f"student.layers={spec!r}: expected first:K with an integer K") from None
         keep = list(range(k))
     else:
         try:
             keep = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(
+            raise LayerSpecError(
                 f"student.layers={spec!r}: expected every_other, first:K or indices like 0,2,5"
             ) from None
     if not keep or len(set(keep)) != len(keep) or keep != sorted(keep):
-        raise ValueError(f"student.layers={spec!r}: needs distinct layer indices in increasing order")
+        raise LayerSpecError(f"student.layers={spec!r}: needs distinct layer indices in increasing order")
     if keep[0] < 0 or keep[-1] >= num_layers:
-        raise ValueError(f"student.layers={spec!r}: the teacher has layers 0..{num_layers - 1}")
+        raise LayerSpecError(f"student.layers={spec!r}: the teacher has layers 0..{num_layers - 1}")
     return keep
 
 

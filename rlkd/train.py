@@ -23,8 +23,13 @@ def _eval(cfg: Config, run_dir) -> None:
 
 def _distill(cfg: Config, run_dir) -> None:
     from rlkd.distill import train
+    from rlkd.prune import LayerSpecError
+    from rlkd.teacher import VocabMismatchError
 
-    train(cfg, run_dir)
+    try:
+        train(cfg, run_dir)
+    except (VocabMismatchError, LayerSpecError) as e:  # raised at start-up, before any actor
+        raise SystemExit(f"rlkd: error: {e}") from None
 
 
 TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.distill: _distill}

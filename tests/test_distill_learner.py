@@ -3,9 +3,12 @@ DeepSpeed, gloo, CPU)."""
 
 import random
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from tokenizers import Tokenizer, models
 from transformers import (
     AutoModelForCausalLM,
@@ -214,3 +217,16 @@ def test_shared_vocab_size_accepts_padding_and_rejects_other_tokenizers(tiny, tm
     with pytest.raises(VocabMismatchError, match="different vocabularies") as info:
         shared_vocab_size(student, [teacher, other])
     assert str(other) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_stops_on_vocab_mismatch_before_starting_anything(tiny, tmp_path):
+    student, _ = tiny
+    other = make_model(tmp_path / "other", 7, tokens=V - 4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlkd.train", "recipe=minillm_gsm8k", "student.init=model",
+         f"model.name={student}", f"distill.teachers=[{other}]", f"run.dir={tmp_path / 'run'}"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("rlkd: error: teacher") and "different vocabularies" in last, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
