@@ -34,6 +34,7 @@ from rlkd.data import Example, PromptSampler, build_prompt, load_split
 from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
 from rlkd.eval import score
 from rlkd.grpo import (
+    _free_port,
     init_ray,
     repeat_each,
     reward_name,
@@ -95,8 +96,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
 
     init_ray(cfg)
+    # A free rendezvous port: DeepSpeed's default 29500 may be taken by another run on the node.
     learner = DistillLearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
-        cfg, student_path, teacher_paths, vocab_size)
+        cfg, student_path, teacher_paths, vocab_size, master_port=_free_port())
     actors = start_actors(cfg, student_path, learner=learner)
     # Sampled-token scoring goes to vLLM teacher actors unless the learner holds the teachers.
     teachers = [] if needs_learner_teachers(cfg) else [
