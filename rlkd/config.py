@@ -242,6 +242,8 @@ class DistillConfig:
     """MiniLLM discount of the reward-to-go."""
     length_norm: bool = True
     """MiniLLM: divide the reward-to-go by the number of tokens it sums."""
+    whiten: bool = True
+    """MiniLLM: standardise the returns over the batch (mean 0, std 1), as the reference code does."""
     single_step: bool = True
     """MiniLLM: take the current token's reward in exact expectation (full-vocabulary KL)."""
     single_step_coef: float = 1.0

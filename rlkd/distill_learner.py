@@ -24,6 +24,7 @@ from rlkd.distill_losses import (
     mixed_next_token_logprobs,
     teacher_confidence_weights,
     teacher_mixed_weights,
+    whiten,
 )
 from rlkd.learner import DTYPES, Learner, TrainBatch, collate
 from rlkd.losses import selective_log_softmax, sft_loss
@@ -95,9 +96,12 @@ class DistillLearner(Learner):
         denom = max(sum(len(c) for c in batch.completion_ids), 1)
         sft_denom = max(sum(len(c) for c in batch.sft_completion_ids), 1)
         sums: dict[str, float] = {}
+        minillm_rows = None
+        if d.objective == DistillObjective.minillm:
+            *minillm_rows, sums = self._minillm_returns(batch)
         for u0 in range(0, len(batch), mbs):
             idx = list(range(u0, min(u0 + mbs, len(batch))))
-            loss, metrics = self._distill_loss(batch, idx)
+            loss, metrics = self._distill_loss(batch, idx, minillm_rows)
             share = sum(len(batch.completion_ids[i]) for i in idx) / denom
             total = loss * share
             for k, v in metrics.items():
@@ -125,24 +129,74 @@ class DistillLearner(Learner):
         self.version += 1
         return out
 
-    def _distill_loss(self, batch: DistillBatch, idx: list[int]):
+    def _rows(self, prompt_ids, completion_ids):
+        """collate()'d rows on the device: ids_BL, attn_BL, mask_BT and each row's first target."""
+        t = collate(TrainBatch(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
+                               [0.0] * len(completion_ids)))
+        offsets = [len(p) - 1 for p in prompt_ids]
+        return (t["input_ids_BL"].to(self.device), t["attn_BL"].to(self.device),
+                t["mask_BT"].to(self.device), offsets)
+
+    def _select(self, batch: DistillBatch, idx: list[int]):
+        return self._rows([batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx])
+
+    @torch.no_grad()
+    def _teacher_target(self, ids_BL, attn_BL, mask_BT):
+        """The in-process teachers' (mixed) next-token log-distribution [B, T, V]."""
+        log_p_KBTV = torch.stack([torch.log_softmax(self._logits(m, ids_BL, attn_BL).float(), -1)
+                                  for m in self.teachers])
+        if len(self.teachers) == 1:
+            return log_p_KBTV[0], {}
+        tokens_KBT = log_p_KBTV.gather(-1, ids_BL[None, :, 1:, None].expand(
+            len(self.teachers), -1, -1, 1)).squeeze(-1)
+        w_KB, metrics = self._teacher_weights(tokens_KBT, mask_BT)
+        return mix_teachers(log_p_KBTV, w_KB), metrics
+
+    @torch.no_grad()
+    def _minillm_returns(self, batch: DistillBatch):
+        """Returns R of every row from the pre-update student, whitened over the whole batch
+        (so micro-batching cannot change them), and the teachers' sampled-token logprobs."""
+        d, mbs = self.cfg.distill, self.cfg.learner.micro_batch_size
+        returns, teacher_lps, sums = [], [], {}
+        tokens = max(sum(len(c) for c in batch.completion_ids), 1)
+        for u0 in range(0, len(batch), mbs):
+            idx = list(range(u0, min(u0 + mbs, len(batch))))
+            ids_BL, attn_BL, mask_BT, offsets = self._select(batch, idx)
+            lp_BT = selective_log_softmax(self._logits(self.engine.module, ids_BL, attn_BL), ids_BL[:, 1:])
+            if batch.teacher_logprobs:
+                tlp_KBT = torch.stack([_pad_rows([scores[i] for i in idx], lp_BT, offsets)
+                                       for scores in batch.teacher_logprobs])
+            else:
+                tlp_KBT = torch.stack([selective_log_softmax(self._logits(m, ids_BL, attn_BL), ids_BL[:, 1:])
+                                       for m in self.teachers])
+            w_KB, metrics = self._teacher_weights(tlp_KBT, mask_BT)
+            tlp_BT = mix_teachers(tlp_KBT, w_KB)
+            r_BT, r_metrics = minillm_token_rewards(lp_BT, tlp_BT, mask_BT, gamma=d.gamma,
+                                                    length_norm=d.length_norm, from_next=d.single_step)
+            for b, (i, off) in enumerate(zip(idx, offsets, strict=True)):
+                n = len(batch.completion_ids[i])
+                returns.append(r_BT[b, off:off + n].cpu())
+                teacher_lps.append(tlp_BT[b, off:off + n].cpu())
+            share = sum(len(batch.completion_ids[i]) for i in idx) / tokens
+            for k, v in {**metrics, **r_metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v * share
+        if d.whiten:
+            width = max((len(r) for r in returns), default=0)
+            padded_NT = torch.zeros(len(returns), width, dtype=torch.float64)
+            mask_NT = torch.zeros(len(returns), width, dtype=torch.bool)
+            for i, r in enumerate(returns):
+                padded_NT[i, :len(r)], mask_NT[i, :len(r)] = r, True
+            white_NT = whiten(padded_NT, mask_NT)
+            returns = [white_NT[i, :len(r)] for i, r in enumerate(returns)]
+        return returns, teacher_lps, sums
+
+    def _distill_loss(self, batch: DistillBatch, idx: list[int], minillm_rows=None):
         d, g = self.cfg.distill, self.cfg.grpo
-        rows = TrainBatch([batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx],
-                          [[0.0] * len(batch.completion_ids[i]) for i in idx], [0.0] * len(idx))
-        t = collate(rows)
-        ids_BL, attn_BL = t["input_ids_BL"].to(self.device), t["attn_BL"].to(self.device)
-        mask_BT = t["mask_BT"].to(self.device)
+        ids_BL, attn_BL, mask_BT, offsets = self._select(batch, idx)
         logits_BTV = self._logits(self.engine.module, ids_BL, attn_BL)
         teacher_logits_BTV, metrics = None, {}
-        if self.teachers:
-            with torch.no_grad():
-                log_p_KBTV = torch.stack([torch.log_softmax(self._logits(m, ids_BL, attn_BL).float(), -1)
-                                          for m in self.teachers])
-                tokens_KBT = log_p_KBTV.gather(-1, ids_BL[None, :, 1:, None].expand(
-                    len(self.teachers), -1, -1, 1)).squeeze(-1)
-                w_KB, metrics = self._teacher_weights(tokens_KBT, mask_BT)
-                teacher_logits_BTV = mix_teachers(log_p_KBTV, w_KB) if len(self.teachers) > 1 else log_p_KBTV[0]
-                del log_p_KBTV
+        if self.teachers and (d.objective != DistillObjective.minillm or d.single_step):
+            teacher_logits_BTV, metrics = self._teacher_target(ids_BL, attn_BL, mask_BT)
         if d.objective == DistillObjective.gkd:
             loss, m = generalized_jsd_loss(logits_BTV, teacher_logits_BTV, mask_BT, d.jsd_beta, d.temperature)
             return loss, {**metrics, **m}
@@ -150,32 +204,22 @@ class DistillLearner(Learner):
             loss, m = forward_kl_loss(logits_BTV, teacher_logits_BTV, mask_BT, d.temperature)
             return loss, {**metrics, **m}
         logprobs_BT = selective_log_softmax(logits_BTV, ids_BL[:, 1:])
-        if batch.teacher_logprobs:
-            offsets = [len(p) - 1 for p in rows.prompt_ids]
-            teacher_lp_KBT = torch.stack([_pad_rows([scores[i] for i in idx], logprobs_BT, offsets)
-                                          for scores in batch.teacher_logprobs])
-            w_KB, w_metrics = self._teacher_weights(teacher_lp_KBT, mask_BT)
-            teacher_lp_BT = mix_teachers(teacher_lp_KBT, w_KB)
-        else:  # in-process teachers: the sampled tokens' logprobs under the mixed target
-            teacher_lp_BT = teacher_logits_BTV.gather(-1, ids_BL[:, 1:, None]).squeeze(-1)
-            w_metrics = {}
-        returns_BT, r_metrics = minillm_token_rewards(
-            logprobs_BT.detach(), teacher_lp_BT, mask_BT, gamma=d.gamma,
-            length_norm=d.length_norm, from_next=d.single_step)
+        returns, teacher_lps = minillm_rows
+        returns_BT = _pad_rows([returns[i].tolist() for i in idx], logprobs_BT, offsets)
         weights_BT, mix_metrics = None, {}
         if d.mix_alpha > 0:
+            teacher_lp_BT = _pad_rows([teacher_lps[i].tolist() for i in idx], logprobs_BT, offsets)
             weights_BT, mix_metrics = teacher_mixed_weights(logprobs_BT.detach(), teacher_lp_BT,
                                                             mask_BT, d.mix_alpha)
-        single = d.single_step and teacher_logits_BTV is not None
         loss, m = minillm_loss(
             logprobs_BT, logprobs_BT.detach(), returns_BT, mask_BT,
             clip_low=g.clip_low, clip_high=g.clip_high, weights_BT=weights_BT,
-            student_logits_BTV=logits_BTV if single else None,
-            teacher_logits_BTV=teacher_logits_BTV if single else None,
+            student_logits_BTV=logits_BTV if teacher_logits_BTV is not None else None,
+            teacher_logits_BTV=teacher_logits_BTV,
             single_step_coef=d.single_step_coef,
             task_advantages_B=torch.tensor([batch.task_advantages[i] for i in idx], device=self.device),
             task_coef=d.task_coef)
-        return loss, {**metrics, **w_metrics, **r_metrics, **mix_metrics, **m}
+        return loss, {**mix_metrics, **m}  # teacher weights were logged by _minillm_returns
 
     # ---- teacher scoring and mixed sampling ------------------------------------------------
 

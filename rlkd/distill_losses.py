@@ -12,7 +12,8 @@ components; here they are:
     removes most of the variance; the policy gradient then carries only future rewards
     (`minillm_token_rewards(from_next=True)`).
   - length normalisation of the reward-to-go (`length_norm=True`): ON by default, as in the
-    paper: unnormalised returns favour short completions.
+    paper: unnormalised returns favour short completions. The returns are then standardised over
+    the batch (`whiten`), as in the authors' code.
   - teacher-mixed sampling (`teacher_mixed_weights`, `mixed_next_token_logprobs`): OFF by
     default (alpha = 0). Sampling from alpha p_T + (1 - alpha) q_S needs the teacher inside the
     decoding loop, which vLLM's sampler cannot do, so it runs on the learner's slower
@@ -303,3 +304,19 @@ def teacher_confidence_weights(
     mean_KB = torch.where(mask, _acc(teacher_logprobs_KBT), 0.0).sum(-1) / tokens_B
     w_KB = torch.softmax(mean_KB / temperature, dim=0)
     return w_KB, {f"teacher_weight_{k}": w_KB[k].mean().item() for k in range(w_KB.shape[0])}
+
+
+@torch.no_grad()
+def whiten(values_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / (std + eps) over the valid tokens (population std); 0 on masked tokens.
+
+    MiniLLM's reference implementation standardises its returns this way before the policy
+    gradient: all-negative reverse-KL returns otherwise push down every sampled token alike,
+    which is pure variance (the expectation of a constant baseline's gradient is zero).
+    """
+    mask = mask_BT.bool()
+    x = _acc(values_BT)
+    n = mask.sum().clamp(min=1)
+    mean = torch.where(mask, x, 0.0).sum() / n
+    var = torch.where(mask, (x - mean) ** 2, 0.0).sum() / n
+    return torch.where(mask, (x - mean) / (var.sqrt() + eps), 0.0)

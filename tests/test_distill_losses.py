@@ -16,6 +16,7 @@ from rlkd.distill_losses import (
     reverse_kl_loss,
     teacher_confidence_weights,
     teacher_mixed_weights,
+    whiten,
 )
 
 # ---------------------------------------------------------------------------- references
@@ -340,6 +341,19 @@ def test_teacher_confidence_weights_match_loop():
     assert close(metrics["teacher_weight_0"], w[0].mean(), 1e-12)
 
 
+def test_whiten_matches_loop():
+    g = torch.Generator().manual_seed(36)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64) * 3 - 2
+    out = whiten(x, MASK_BT)
+    vals = [x[b, t].item() for b in range(4) for t in range(5) if MASK_BT[b, t]]
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+    for b in range(4):
+        for t in range(5):
+            expected = (x[b, t].item() - mean) / (std + 1e-8) if MASK_BT[b, t] else 0.0
+            assert close(out[b, t], expected, 1e-12)
+
+
 # ---------------------------------------------------------------------------- all masked
 
 
@@ -369,5 +383,6 @@ def test_all_masked_rewards_and_weights_are_zero():
         assert (rewards == 0).all() and all(math.isfinite(v) for v in metrics.values())
     w, metrics = teacher_mixed_weights(logp, logp - 1, mask, 0.2)
     assert (w == 0).all() and all(math.isfinite(v) for v in metrics.values())
+    assert (whiten(logp, mask) == 0).all()
     weights, _ = teacher_confidence_weights(torch.stack([logp, logp - 1]), mask)
     torch.testing.assert_close(weights, torch.full((2, 2), 0.5, dtype=torch.float64))
