@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("minillm") / "run"
     cmd = [
         sys.executable, "-m", "rlkd.train", "recipe=minillm_gsm8k",
-        f"data.path={GSM8K_DIR}", f"run.dir={run_dir}", "student.layers=first:20",
+        f"data.path={GSM8K_DIR}", f"run.dir={run_dir}",
         f"trainer.max_steps={STEPS}", f"trainer.eval_every={STEPS}", "trainer.eval_samples=4",
         "trainer.save_every=0", "eval.max_new_tokens=32", "rollout.max_new_tokens=32",
         "grpo.group_size=4", "grpo.prompts_per_step=2", "distill.kl_eval_prompts=8",
