@@ -1,6 +1,7 @@
 """The distillation learner, pruning and the vocabulary check on tiny random Llamas (real
 DeepSpeed, gloo, CPU)."""
 
+import math
 import random
 import socket
 import subprocess
@@ -12,12 +13,15 @@ from conftest import REPO_ROOT
 from tokenizers import Tokenizer, models
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
 )
 
 from rlkd.config import load_config
+from rlkd.data import Example
+from rlkd.distill import reference_ids, reverse_kl_estimate
 from rlkd.distill_learner import DistillBatch, DistillLearner
 from rlkd.distill_losses import generalized_jsd_loss
 from rlkd.learner import TrainBatch, collate
@@ -230,3 +234,27 @@ def test_cli_stops_on_vocab_mismatch_before_starting_anything(tiny, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("rlkd: error: teacher") and "different vocabularies" in last, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------- driver helpers
+
+
+def test_reverse_kl_estimate_is_token_mean_log_ratio_to_the_teacher_mixture():
+    student = [[-1.0, -2.0], [-0.5]]
+    teachers = [[[-3.0, -1.0], [-0.5]], [[-1.0, -4.0], [-2.0]]]
+    est = reverse_kl_estimate(student, teachers, [3.0, 1.0])
+    expected = 0.0
+    for i, t in [(0, 0), (0, 1), (1, 0)]:
+        mix = 0.75 * math.exp(teachers[0][i][t]) + 0.25 * math.exp(teachers[1][i][t])
+        expected += student[i][t] - math.log(mix)
+    assert est == pytest.approx(expected / 3, abs=1e-12)
+    assert reverse_kl_estimate([[]], [[[]]], [1.0]) == 0.0
+
+
+def test_reference_ids_strip_calculator_notes_and_end_the_turn(tiny):
+    student, _ = tiny
+    tok = AutoTokenizer.from_pretrained(student)
+    ex = Example("x:0", "q?", "72", "t5 t6 <<48/2=24>>t7")
+    ids = reference_ids(tok, ex, 64)
+    assert ids[-1] == tok.eos_token_id and "<<" not in tok.decode(ids)
+    assert len(reference_ids(tok, ex, 2)) == 2
