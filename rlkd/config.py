@@ -45,6 +45,7 @@ class Task(str, Enum):
     eval = "eval"
     cot = "cot"
     sft = "sft"
+    distill = "distill"
 
 
 class AdvScale(str, Enum):
@@ -79,6 +80,22 @@ class SFTTarget(str, Enum):
 class OnError(str, Enum):
     raise_ = "raise"
     zero = "zero"
+
+
+class DistillObjective(str, Enum):
+    minillm = "minillm"
+    gkd = "gkd"
+    forward_kl = "forward_kl"
+
+
+class TeacherWeighting(str, Enum):
+    fixed = "fixed"
+    confidence = "confidence"
+
+
+class StudentInit(str, Enum):
+    model = "model"
+    prune = "prune"
 
 
 @dataclass
@@ -319,6 +336,51 @@ class SFTConfig:
     """Pack several sequences into each row (attention kept within each sequence)."""
     eval_accuracy: bool = True
     """At each eval, also measure greedy accuracy on `trainer.eval_samples` test questions."""
+class StudentConfig:
+    init: StudentInit = StudentInit.model
+    """Distillation student: `model` is model.name; `prune` cuts it out of the first teacher."""
+    layers: str = "every_other"
+    """Teacher layers a pruned student keeps: `every_other`, `first:K` or indices `0,2,5`."""
+
+
+@dataclass
+class DistillConfig:
+    objective: DistillObjective = DistillObjective.minillm
+    """`minillm`: reverse-KL policy gradient; `gkd`: generalized JSD; `forward_kl`: Hinton KD."""
+    teachers: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])
+    """Teacher checkpoints (local dir, hub id or embedded name); they share the student's tokenizer."""
+    teacher_weights: list[float] = field(default_factory=lambda: [1.0])
+    """One weight per teacher for `fixed` weighting; normalised to sum to 1."""
+    teacher_weighting: TeacherWeighting = TeacherWeighting.fixed
+    """`fixed`: teacher_weights; `confidence`: per example, softmax of each teacher's mean token logprob."""
+    confidence_temperature: float = 1.0
+    """Temperature of the confidence softmax over teachers."""
+    gamma: float = 1.0
+    """MiniLLM discount of the reward-to-go."""
+    length_norm: bool = True
+    """MiniLLM: divide the reward-to-go by the number of tokens it sums."""
+    whiten: bool = True
+    """MiniLLM: standardise the returns over the batch (mean 0, std 1), as the reference code does."""
+    single_step: bool = True
+    """MiniLLM: take the current token's reward in exact expectation (full-vocabulary KL)."""
+    single_step_coef: float = 1.0
+    """Weight of the single-step KL term."""
+    mix_alpha: float = 0.0
+    """MiniLLM teacher-mixed sampling weight; > 0 samples on the learner, not vLLM (slow)."""
+    task_coef: float = 0.0
+    """Weight of the rewards.funcs group advantage added to the MiniLLM return (GRPO + KD)."""
+    lm_coef: float = 0.0
+    """Weight of an NLL term on GSM8K reference solutions (MiniLLM's language-modelling loss)."""
+    jsd_beta: float = 0.5
+    """GKD: 0 is forward KL, 1 reverse KL."""
+    lmbda: float = 0.5
+    """GKD: fraction of steps trained on student samples; the rest on GSM8K reference solutions."""
+    temperature: float = 1.0
+    """Softmax temperature of the gkd / forward_kl divergences."""
+    kl_eval_prompts: int = 16
+    """Held-out questions on which the student-teacher reverse KL is measured at each eval."""
+    kl_eval_samples: int = 2
+    """Student samples per held-out question for that measurement."""
 
 
 @dataclass
@@ -332,7 +394,7 @@ class RayConfig:
 @dataclass
 class Config:
     task: Task = Task.grpo
-    """What the run does: `grpo` trains, `eval` evaluates `model.name`."""
+    """What the run does: `grpo` trains, `eval` evaluates `model.name`, `distill` distils teachers."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory and seed."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -359,6 +421,10 @@ class Config:
     """Filters applied to teacher samples (task=cot)."""
     sft: SFTConfig = field(default_factory=SFTConfig)
     """Supervised fine-tuning (task=sft)."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """How task=distill builds its student."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Distillation objective and teachers (task=distill)."""
 
 
 ConfigStore.instance().store(name="rlkd", node=Config)
@@ -584,6 +650,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError("rollout.max_restarts and trainer.max_bad_steps must be >= 0")
     if cfg.eval.compare and len(cfg.eval.compare) != 2:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
+    if cfg.task == Task.distill:
+        validate_distill(cfg)
+
+
+def validate_distill(cfg: Config) -> None:
+    d = cfg.distill
+    if not d.teachers or len(d.teachers) != len(d.teacher_weights):
+        raise ConfigError(f"distill.teachers has {len(d.teachers)} entries but "
+                          f"distill.teacher_weights has {len(d.teacher_weights)}")
+    if any(w < 0 for w in d.teacher_weights) or sum(d.teacher_weights) <= 0:
+        raise ConfigError(f"distill.teacher_weights={d.teacher_weights} must be >= 0 with a positive sum")
+    for key in ("jsd_beta", "lmbda", "mix_alpha", "gamma"):
+        if not 0.0 <= getattr(d, key) <= 1.0:
+            raise ConfigError(f"distill.{key}={getattr(d, key)} must be in [0, 1]")
+    for key in ("temperature", "confidence_temperature"):
+        if getattr(d, key) <= 0:
+            raise ConfigError(f"distill.{key}={getattr(d, key)} must be > 0")
+    if d.objective == DistillObjective.minillm and cfg.rollout.temperature != 1.0:
+        raise ConfigError(f"rollout.temperature={cfg.rollout.temperature}: MiniLLM's reward is the "
+                          "reverse KL of the student's own distribution, so it samples at 1.0")
+    if cfg.grpo.ppo_epochs != 1 or cfg.grpo.mini_batches != 1:
+        raise ConfigError("task=distill trains on-policy: grpo.ppo_epochs and grpo.mini_batches must be 1")
+    if cfg.student.init == StudentInit.prune:
+        layers = cfg.student.layers.strip()
+        if not (layers == "every_other" or re.fullmatch(r"first:\d+|\d+(,\d+)*", layers)):
+            raise ConfigError(f"student.layers={layers!r}: expected every_other, first:K or indices like 0,2,5")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -68,13 +68,15 @@ def init_ray(cfg: Config) -> None:
     )
 
 
-def start_actors(cfg: Config, model_path: str) -> Actors:
-    """One learner and rollout.num_actors vLLM engines; picks the weight transport."""
+def start_actors(cfg: Config, model_path: str, learner: ray.actor.ActorHandle | None = None) -> Actors:
+    """One learner (a new LearnerActor unless given) and rollout.num_actors vLLM engines;
+    picks the weight transport."""
     use_gpu = cfg.rollout.gpus_per_actor > 0
     # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
-    # A free port, not torch's default 29500: other jobs on the node may hold that one.
-    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
-        cfg, model_path, master_port=free_port())
+    if learner is None:
+        # A free port, not torch's default 29500: other jobs on the node may hold that one.
+        learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
+            cfg, model_path, master_port=free_port())
     rollouts = [
         RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor,
                              max_restarts=cfg.rollout.max_restarts).remote(

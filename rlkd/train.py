@@ -33,7 +33,13 @@ def _sft(cfg: Config, run_dir) -> None:
     train(cfg, run_dir)
 
 
-TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft}
+def _distill(cfg: Config, run_dir) -> None:
+    from rlkd.distill import train
+
+    train(cfg, run_dir)
+
+
+TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft, Task.distill: _distill}
 
 
 def main(argv: list[str]) -> None:

@@ -7,12 +7,8 @@ import torch
 
 from rlkd.losses import (
     aggregate,
-    forward_kl_loss,
-    generalized_jsd_loss,
     group_advantages,
     grpo_loss,
-    minillm_token_rewards,
-    reverse_kl_loss,
     selective_log_softmax,
     sft_loss,
 )
@@ -58,35 +54,6 @@ def ref_log_softmax(row):
     lse = mx + math.log(sum(math.exp(x - mx) for x in row))
     return [x - lse for x in row]
 
-
-def ref_kl(log_a, log_b):
-    return sum(math.exp(a) * (a - b) for a, b in zip(log_a, log_b, strict=True))
-
-
-def ref_token_divergence(student_row, teacher_row, kind, beta=0.5, temperature=1.0):
-    log_q = ref_log_softmax([x / temperature for x in student_row])
-    log_p = ref_log_softmax([x / temperature for x in teacher_row])
-    if kind == "reverse":
-        d = ref_kl(log_q, log_p)
-    elif kind == "forward":
-        d = ref_kl(log_p, log_q)
-    else:
-        q = [math.exp(x) for x in log_q]
-        p = [math.exp(x) for x in log_p]
-        log_m = [math.log(beta * pv + (1 - beta) * qv) for pv, qv in zip(p, q, strict=True)]
-        d = (beta * ref_kl(log_p, log_m) + (1 - beta) * ref_kl(log_q, log_m)) / (beta * (1 - beta))
-    return temperature**2 * d
-
-
-def ref_divergence_loss(student, teacher, mask, kind, **kw):
-    B, T, _ = student.shape
-    vals = [
-        ref_token_divergence(student[b, t].tolist(), teacher[b, t].tolist(), kind, **kw)
-        for b in range(B)
-        for t in range(T)
-        if mask[b, t]
-    ]
-    return sum(vals) / max(len(vals), 1)
 
 
 def random_logits(seed, B=3, T=4, V=7, dtype=torch.float64):
@@ -379,97 +346,10 @@ def test_sft_loss_matches_loop():
     torch.testing.assert_close(logp.grad, -MASK_BT.double() / len(valid))
 
 
-# ---------------------------------------------------------------------------- distillation
-
-
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize(
-    "kind,fn", [("reverse", reverse_kl_loss), ("forward", forward_kl_loss), ("jsd", None)]
-)
-def test_divergences_match_loop(kind, fn, temperature):
-    student = random_logits(9, B=4, T=5).requires_grad_()
-    teacher = random_logits(10, B=4, T=5).requires_grad_()
-    if fn is None:
-        loss, metrics = generalized_jsd_loss(student, teacher, MASK_BT, 0.3, temperature)
-        ref = ref_divergence_loss(
-            student, teacher, MASK_BT, kind, beta=0.3, temperature=temperature
-        )
-    else:
-        loss, metrics = fn(student, teacher, MASK_BT, temperature)
-        ref = ref_divergence_loss(student, teacher, MASK_BT, kind, temperature=temperature)
-    assert close(loss, ref, 1e-6) and close(next(iter(metrics.values())), ref, 1e-6)
-    loss.backward()
-    assert teacher.grad is None  # teacher side is frozen
-    assert student.grad.abs().sum() > 0 and (student.grad[~MASK_BT] == 0).all()
-
-
-def test_reverse_kl_gradient_by_finite_differences():
-    student = random_logits(11, B=2, T=2, V=5).requires_grad_()
-    teacher = random_logits(12, B=2, T=2, V=5)
-    mask = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
-    loss, _ = reverse_kl_loss(student, teacher, mask)
-    loss.backward()
-    eps = 1e-6
-    for idx in [(0, 0, 1), (1, 1, 4), (0, 1, 2)]:
-        bumped = student.detach().clone()
-        bumped[idx] += eps
-        fd = (ref_divergence_loss(bumped, teacher, mask, "reverse") - loss.item()) / eps
-        assert close(student.grad[idx], fd, 1e-4)
-
-
-def test_jsd_limits_are_forward_and_reverse_kl():
-    student = random_logits(13, B=3, T=4)
-    teacher = random_logits(14, B=3, T=4)
-    mask = MASK_BT[:3, :4]
-    fwd, _ = forward_kl_loss(student, teacher, mask, 1.5)
-    rev, _ = reverse_kl_loss(student, teacher, mask, 1.5)
-    assert not close(fwd, rev, 1e-3)
-    jsd0, _ = generalized_jsd_loss(student, teacher, mask, beta=0.0, temperature=1.5)
-    jsd1, _ = generalized_jsd_loss(student, teacher, mask, beta=1.0, temperature=1.5)
-    assert close(jsd0, fwd, 1e-12) and close(jsd1, rev, 1e-12)
-    # Continuous at the ends: the scaled mixture form approaches the exact limits.
-    near0, _ = generalized_jsd_loss(student, teacher, mask, beta=1e-6, temperature=1.5)
-    near1, _ = generalized_jsd_loss(student, teacher, mask, beta=1 - 1e-6, temperature=1.5)
-    assert close(near0, fwd, 1e-4) and close(near1, rev, 1e-4)
-    with pytest.raises(ValueError):
-        generalized_jsd_loss(student, teacher, mask, beta=1.5)
-
-
-@pytest.mark.parametrize("beta", [1e-5, 1 - 1e-5])
-def test_jsd_near_limits_is_accurate_in_fp32(beta):
-    # log m - log q formed naively cancels to ~1e-7 / beta in fp32; the log-ratio form must not.
-    student = random_logits(22, B=2, T=4, V=7) * 2
-    teacher = random_logits(23, B=2, T=4, V=7) * 2
-    mask = torch.ones(2, 4, dtype=torch.bool)
-    exact, _ = generalized_jsd_loss(student, teacher, mask, beta)
-    s32 = student.float().requires_grad_()
-    fp32, _ = generalized_jsd_loss(s32, teacher.float(), mask, beta)
-    assert close(fp32, exact, 1e-5)
-    s64 = student.clone().requires_grad_()
-    generalized_jsd_loss(s64, teacher, mask, beta)[0].backward()
-    fp32.backward()
-    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=0, atol=1e-5)
-
-
-def test_jsd_half_is_four_times_symmetric_jsd():
-    student = random_logits(15, B=1, T=3)
-    teacher = random_logits(16, B=1, T=3)
-    mask = torch.ones(1, 3, dtype=torch.bool)
-    loss, _ = generalized_jsd_loss(student, teacher, mask, beta=0.5)
-    total = 0.0
-    for t in range(3):
-        p = [math.exp(x) for x in ref_log_softmax(teacher[0, t].tolist())]
-        q = [math.exp(x) for x in ref_log_softmax(student[0, t].tolist())]
-        m = [(a + b) / 2 for a, b in zip(p, q, strict=True)]
-        total += 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m, strict=True))
-        total += 0.5 * sum(b * math.log(b / c) for b, c in zip(q, m, strict=True))
-    assert close(loss, 4 * total / 3, 1e-10)
-
-
 # ---------------------------------------------------------------------------- all masked
 
 
-def _all_masked_losses(logp, old, logits, teacher, mask):
+def _all_masked_losses(logp, old, mask):
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
     for mode in AGG_MODES:
         yield grpo_loss(
@@ -477,29 +357,18 @@ def _all_masked_losses(logp, old, logits, teacher, mask):
             loss_agg=mode, max_len=3,
         )  # fmt: skip
     yield sft_loss(logp, mask)
-    yield reverse_kl_loss(logits, teacher, mask)
-    yield forward_kl_loss(logits, teacher, mask)
-    for beta in (0.0, 0.5, 1.0):
-        yield generalized_jsd_loss(logits, teacher, mask, beta)
 
 
 def test_all_masked_gives_finite_zero_with_grad_path():
     mask = torch.zeros(2, 3, dtype=torch.bool)
     old = -torch.rand(2, 3, dtype=torch.float64)
-    teacher = random_logits(17, B=2, T=3)
     n = 0
-    for loss, metrics in _all_masked_losses(
-        (old + 0.1).requires_grad_(),
-        old,
-        random_logits(18, B=2, T=3).requires_grad_(),
-        teacher,
-        mask,
-    ):
+    for loss, metrics in _all_masked_losses((old + 0.1).requires_grad_(), old, mask):
         n += 1
         assert loss.dim() == 0 and loss.item() == 0.0 and loss.requires_grad
         assert all(math.isfinite(v) for v in metrics.values())
         loss.backward()
-    assert n == 9
+    assert n == 4
 
 
 def test_all_masked_grads_are_zero():
@@ -508,39 +377,3 @@ def test_all_masked_grads_are_zero():
     loss, _ = grpo_loss(logp, logp.detach() - 0.5, torch.ones(2).double(), mask)
     loss.backward()
     assert (logp.grad == 0).all()
-    logits = random_logits(19, B=2, T=3).requires_grad_()
-    loss, _ = generalized_jsd_loss(logits, random_logits(20, B=2, T=3), mask, 0.5)
-    loss.backward()
-    assert (logits.grad == 0).all()
-    rewards, metrics = minillm_token_rewards(logp, logp.detach() - 1, mask)
-    assert (rewards == 0).all() and all(math.isfinite(v) for v in metrics.values())
-
-
-# ---------------------------------------------------------------------------- minillm rewards
-
-
-@pytest.mark.parametrize("gamma", [1.0, 0.9])
-@pytest.mark.parametrize("length_norm", [True, False])
-def test_minillm_token_rewards_match_loop(gamma, length_norm):
-    g = torch.Generator().manual_seed(21)
-    student = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 3
-    teacher = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 3
-    returns, metrics = minillm_token_rewards(
-        student.requires_grad_(), teacher, MASK_BT, gamma=gamma, length_norm=length_norm
-    )
-    assert not returns.requires_grad
-    rs = []
-    for b in range(4):
-        for t in range(5):
-            if not MASK_BT[b, t]:
-                assert returns[b, t] == 0
-                continue
-            total, count = 0.0, 0
-            for s in range(t, 5):
-                if MASK_BT[b, s]:
-                    total += gamma ** (s - t) * (teacher[b, s].item() - student[b, s].item())
-                    count += 1
-            expected = total / count if length_norm else total
-            assert close(returns[b, t], expected, 1e-6)
-            rs.append(teacher[b, t].item() - student[b, t].item())
-    assert close(metrics["token_reward_mean"], sum(rs) / len(rs), 1e-6)

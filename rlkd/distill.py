@@ -1,0 +1,219 @@
+"""On-policy distillation driver (task=distill): MiniLLM, GKD or forward KL from frozen teachers.
+
+    build the student (model.name, or pruned out of the first teacher) -> check shared vocab
+    for each step:
+        sample prompts -> student completions (vLLM; teacher-mixed on the learner if alpha > 0;
+        GKD: with probability 1 - lmbda, GSM8K reference solutions instead)
+        -> teacher log-probs of the sampled tokens (MiniLLM) -> optional task-reward advantages
+        -> learner distill_step -> weight sync
+        -> log; every trainer.eval_every steps: held-out reverse KL and accuracy; checkpoint
+
+Batch shape comes from grpo.prompts_per_step x grpo.group_size, the clip range from grpo.clip_*.
+The held-out reverse KL is the Monte-Carlo estimate mean_t [log q_S(y_t) - log p_T(y_t)] over
+tokens the student samples at temperature 1: unbiased for KL(q_S || p_T) per token of a
+sequence, and measured the same way whichever objective trains.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from functools import partial
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from rewards import compute_rewards, load_reward
+from rlkd.config import Config, DistillObjective, StudentInit
+from rlkd.data import Example, PromptSampler, build_prompt, load_split
+from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
+from rlkd.eval import score
+from rlkd.grpo import (
+    free_port,
+    init_ray,
+    repeat_each,
+    reward_name,
+    save_checkpoint,
+    start_actors,
+    sync_weights,
+)
+from rlkd.losses import group_advantages
+from rlkd.models import count_parameters, resolve_model
+from rlkd.prune import prune
+from rlkd.rollout import SamplingSpec, generate_sharded
+from rlkd.teacher import TeacherActor, shared_vocab_size
+from rlkd.tracking import Timer, Tracker, plot_curves
+
+
+def build_student(cfg: Config, run_dir: Path, teacher_path: str) -> str:
+    """model.name, or (student.init=prune) a layer subset of the first teacher saved in run_dir."""
+    if cfg.student.init == StudentInit.prune:
+        path = run_dir / "student-init"
+        counts = prune(teacher_path, path, cfg.student.layers)
+        print(f"rlkd: pruned student {path}: {counts['student_layers']} layers, "
+              f"{counts['student_params']:,} parameters (teacher {counts['teacher_params']:,})")
+        return str(path)
+    return str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
+
+
+def reference_ids(tokenizer, ex: Example, max_tokens: int) -> list[int]:
+    """A GSM8K reference solution in the '#### N' format the prompt asks for, ending the turn."""
+    rationale = re.sub(r"<<[^>]*>>", "", ex.rationale)  # GSM8K's calculator annotations
+    ids = tokenizer(f"{rationale}\n#### {ex.answer}", add_special_tokens=False).input_ids
+    return (ids + [tokenizer.eos_token_id])[:max_tokens]
+
+
+def reverse_kl_estimate(student_lps: list[list[float]], teacher_lps: list[list[list[float]]],
+                        weights: list[float]) -> float:
+    """Token mean of log q_S(y_t) - log sum_k w_k p_k(y_t) over the student's samples."""
+    total, count = 0.0, 0
+    w = [x / sum(weights) for x in weights]
+    for i, row in enumerate(student_lps):
+        for t, lq in enumerate(row):
+            lp = math.log(sum(wk * math.exp(teacher_lps[k][i][t]) for k, wk in enumerate(w)) or 1e-300)
+            total, count = total + lq - lp, count + 1
+    return total / max(count, 1)
+
+
+def train(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Distil cfg.distill.teachers into the student; returns the last step's metrics."""
+    d, g, t = cfg.distill, cfg.grpo, cfg.trainer
+    cache = cfg.model.cache_dir or None
+    teacher_paths = [str(resolve_model(name, cache)) for name in d.teachers]
+    student_path = build_student(cfg, run_dir, teacher_paths[0])
+    vocab_size = shared_vocab_size(student_path, teacher_paths)
+    sizes = {"params/student": count_parameters(student_path),
+             **{f"params/teacher_{k}": count_parameters(p) for k, p in enumerate(teacher_paths)}}
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    train_set = load_split(cfg.data, cfg.data.split)
+    held_out = load_split(cfg.data, cfg.data.eval_split, limit=max(t.eval_samples, d.kl_eval_prompts))
+    reward_fns = {reward_name(spec): load_reward(spec) for spec in cfg.rewards.funcs}
+    reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
+
+    init_ray(cfg)
+    # A free rendezvous port: DeepSpeed's default 29500 may be taken by another run on the node.
+    learner = DistillLearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
+        cfg, student_path, teacher_paths, vocab_size, master_port=free_port())
+    actors = start_actors(cfg, student_path, learner=learner)
+    # Sampled-token scoring goes to vLLM teacher actors unless the learner holds the teachers.
+    teachers = [] if needs_learner_teachers(cfg) else [
+        TeacherActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
+            path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
+            enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
+            use_gpu=cfg.rollout.gpus_per_actor > 0,
+            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        for path in teacher_paths]
+    ray.get([a.ready.remote() for a in teachers])
+
+    def teacher_logprobs(prompt_ids, completion_ids) -> list[list[list[float]]]:  # [K][N]
+        if teachers:
+            return ray.get([a.score.remote(prompt_ids, completion_ids) for a in teachers])
+        return ray.get(learner.teacher_logprobs.remote(prompt_ids, completion_ids))
+
+    kl_prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in held_out[:d.kl_eval_prompts]]
+    kl_spec = SamplingSpec(n=d.kl_eval_samples, max_tokens=cfg.rollout.max_new_tokens,
+                           temperature=1.0, seed=cfg.run.seed + 7)
+
+    def held_out_metrics() -> dict[str, float]:
+        gen = generate_sharded(actors.rollouts, kl_prompts, kl_spec)
+        scores = teacher_logprobs(repeat_each(gen.prompt_ids, d.kl_eval_samples), gen.completion_ids)
+        out = {"eval/reverse_kl": reverse_kl_estimate(gen.logprobs, scores, d.teacher_weights)}
+        _, acc = score(partial(generate_sharded, actors.rollouts), tokenizer, held_out[:t.eval_samples],
+                       cfg.data, SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0))
+        out.update({f"eval/{k}": v for k, v in acc.items()})
+        return out
+
+    sampler = PromptSampler(train_set, cfg.run.seed)
+    sft_sampler = PromptSampler(train_set, cfg.run.seed + 1)
+    coin = random.Random(cfg.run.seed)
+    tracker = Tracker(run_dir)
+    spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    N = g.prompts_per_step * g.group_size
+    metrics: dict[str, float] = {}
+    step = 0
+    bar = tqdm(range(1, t.max_steps + 1), desc=d.objective.value, unit="step", dynamic_ncols=True)
+    try:
+        tracker.log(0, {**sizes, **(held_out_metrics() if t.eval_every else {})})
+        for step in bar:
+            timer, start = Timer(), time.perf_counter()
+            on_policy = d.objective != DistillObjective.gkd or coin.random() < d.lmbda
+            examples = sampler.next(g.prompts_per_step if on_policy else N)
+            prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
+            spec.seed = cfg.run.seed * 1_000_003 + step
+            advantages = [0.0] * N
+            with timer("generate"):
+                if not on_policy:
+                    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+                    completion_ids = [reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in examples]
+                elif d.mix_alpha > 0:
+                    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+                    gen = ray.get(learner.sample_mixed.remote(ids, g.group_size, spec.max_tokens, spec.seed))
+                else:
+                    gen = generate_sharded(actors.rollouts, prompts, spec)
+                if on_policy:
+                    prompt_ids, completion_ids = repeat_each(gen.prompt_ids, g.group_size), gen.completion_ids
+            if on_policy:
+                with timer("reward"):
+                    rewards_N, per_fn, _ = compute_rewards(
+                        reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
+                        prompts=repeat_each(prompts, g.group_size),
+                        answer=repeat_each([ex.answer for ex in examples], g.group_size),
+                        question=repeat_each([ex.question for ex in examples], g.group_size))
+                    if d.task_coef:
+                        advantages = group_advantages(torch.tensor(rewards_N), g.group_size,
+                                                      scale=g.adv_scale.value)[0].tolist()
+                metrics_extra = {"reward/total_mean": sum(rewards_N) / len(rewards_N)}
+                for name, values in per_fn.items():
+                    finite = [v for v in values if v == v]
+                    metrics_extra[f"reward/{name}"] = sum(finite) / max(len(finite), 1)
+            else:
+                metrics_extra = {}
+            with timer("teacher"):
+                minillm_actors = teachers and d.objective == DistillObjective.minillm
+                scores = teacher_logprobs(prompt_ids, completion_ids) if minillm_actors else []
+            sft = sft_sampler.next(N) if d.lm_coef else []
+            batch = DistillBatch(
+                prompt_ids, completion_ids, scores, advantages,
+                sft_prompt_ids=[tokenizer(build_prompt(tokenizer, ex.question, cfg.data),
+                                          add_special_tokens=False).input_ids for ex in sft],
+                sft_completion_ids=[reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in sft])
+            with timer("train"):
+                metrics = ray.get(learner.distill_step.remote(batch))
+            with timer("sync"):
+                sync_weights(actors)
+
+            lengths = [len(c) for c in completion_ids]
+            metrics.update(timer.metrics())
+            metrics.update(metrics_extra)
+            metrics.update({"train/on_policy": float(on_policy),
+                            "completion/mean_tokens": sum(lengths) / len(lengths),
+                            "time/step": time.perf_counter() - start})
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                metrics.update(held_out_metrics())
+            if t.save_every and step % t.save_every == 0:
+                save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+            tracker.log(step, metrics)
+            bar.set_postfix({k: f"{metrics[v]:.3g}" for k, v in
+                             {"loss": "train/loss", "kl": "eval/reverse_kl", "s/step": "time/step"}.items()
+                             if v in metrics})
+        save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+    except KeyboardInterrupt:
+        bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
+        if step:
+            save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+        raise
+    finally:
+        bar.close()
+        tracker.close()
+        plot_curves(run_dir / "metrics.jsonl", ["eval/reverse_kl", "train/single_step_kl", "train/jsd",
+                                                "train/forward_kl", "eval/accuracy"],
+                    run_dir / "distill.png", f"{d.objective.value}: student vs teacher")
+        ray.get([learner.close.remote(), *(r.shutdown.remote() for r in actors.rollouts),
+                 *(a.shutdown.remote() for a in teachers)])
+    return metrics
