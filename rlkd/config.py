@@ -336,6 +336,9 @@ class SFTConfig:
     """Pack several sequences into each row (attention kept within each sequence)."""
     eval_accuracy: bool = True
     """At each eval, also measure greedy accuracy on `trainer.eval_samples` test questions."""
+
+
+@dataclass
 class StudentConfig:
     init: StudentInit = StudentInit.model
     """Distillation student: `model` is model.name; `prune` cuts it out of the first teacher."""
