@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +27,8 @@ from rlkd.eval import score
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.losses import group_advantages
 from rlkd.models import resolve_model
-from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
+from rlkd.placement import Placement, local_num_cpus, plan, reserve
+from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded, nccl_world_size
 from rlkd.tracking import Timer, Tracker, plot_curves
 
 # Environment every actor (and the vLLM processes it spawns) starts with.
@@ -41,9 +41,11 @@ ACTOR_ENV = {
 
 @dataclass
 class Actors:
-    learner: ray.actor.ActorHandle
+    learner: ray.actor.ActorHandle  # rank 0 of `learners`
     rollouts: list[ray.actor.ActorHandle]
     transport: str  # "shm" | "bytes" | "nccl"
+    learners: list[ray.actor.ActorHandle] = field(default_factory=list)  # data-parallel ranks
+    placement: Placement | None = None
 
 
 def init_ray(cfg: Config) -> None:
@@ -51,41 +53,77 @@ def init_ray(cfg: Config) -> None:
         return
     ray.init(
         address=cfg.ray.address or None,
-        num_cpus=(cfg.ray.num_cpus or None) if not cfg.ray.address else None,
+        num_cpus=local_num_cpus(cfg) if not cfg.ray.address else None,
         include_dashboard=False,
         runtime_env={"env_vars": ACTOR_ENV},
         log_to_driver=True,
     )
 
 
-def start_actors(cfg: Config, model_path: str) -> Actors:
-    """One learner and rollout.num_actors vLLM engines; picks the weight transport."""
-    use_gpu = cfg.rollout.gpus_per_actor > 0
-    # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
-    learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(cfg, model_path)
+def start_learners(cfg: Config, model_path: str, placement: Placement) -> list[ray.actor.ActorHandle]:
+    """learner.num_workers DeepSpeed ranks in their bundles; they rendezvous on rank 0's node."""
+    slots = placement.plan.learners
+    master_addr, master_port = placement.address(slots[0])
+    return [
+        LearnerActor.options(**placement.options(slot)).remote(
+            cfg, model_path, rank=rank, world_size=len(slots),
+            master_addr=master_addr, master_port=master_port)
+        for rank, slot in enumerate(slots)
+    ]
+
+
+def start_rollouts(cfg: Config, model_path: str, placement: Placement) -> list[ray.actor.ActorHandle]:
+    """rollout.num_actors vLLM engines in their bundles, started (blocks until they are)."""
     rollouts = [
-        RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
+        RolloutActor.options(**placement.options(slot)).remote(
             model_path,
             max_model_len=cfg.model.max_model_len,
             dtype=cfg.rollout.dtype,
             enforce_eager=cfg.rollout.enforce_eager,
             kv_cache_gb=cfg.rollout.kv_cache_gb,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            use_gpu=use_gpu,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            use_gpu=cfg.rollout.gpus_per_actor > 0,
             seed=cfg.run.seed + i,
+            actor_index=i,
         )
-        for i in range(cfg.rollout.num_actors)
+        for i, slot in enumerate(placement.plan.rollouts)
     ]
     ray.get([r.ready.remote() for r in rollouts])
+    return rollouts
+
+
+def start_actors(cfg: Config, model_path: str) -> Actors:
+    """Learner ranks and rollout.num_actors vLLM engines in placement groups; picks the weight
+    transport."""
+    use_gpu = cfg.rollout.gpus_per_actor > 0
+    placement = reserve(plan(cfg), cfg.ray.placement_timeout_s)
+    learners = start_learners(cfg, model_path, placement)
+    rollouts = start_rollouts(cfg, model_path, placement)
+    learner = learners[0]
     if use_gpu:
         transport = "nccl"
-        world = 1 + cfg.rollout.num_actors  # the learner sends as rank 0
-        ray.get(learner.init_nccl_sync.remote(rollouts, _free_port(), world))
+        world = nccl_world_size(cfg.rollout.num_actors, cfg.rollout.tensor_parallel_size)
+        _, port = placement.address(placement.plan.learners[0])  # free on the sender's node
+        ray.get(learner.init_nccl_sync.remote(rollouts, port, world))
     else:
         nodes = set(ray.get([r.node_id.remote() for r in rollouts]))
         same_node = nodes == {ray.get(learner.node_id.remote())}
         transport = "shm" if same_node else "bytes"
-    return Actors(learner, rollouts, transport)
+    return Actors(learner, rollouts, transport, learners, placement)
+
+
+def call_learners(actors: Actors, method: str, *args):
+    """Run `method` on every data-parallel rank (they step together); returns rank 0's result.
+    Arguments go into the object store once, for all ranks."""
+    refs = [ray.put(a) for a in args]
+    return ray.get([getattr(learner, method).remote(*refs) for learner in actors.learners])[0]
+
+
+def stop_actors(actors: Actors) -> None:
+    ray.get([*(lr.close.remote() for lr in actors.learners), *(r.shutdown.remote() for r in actors.rollouts)])
+    if actors.placement is not None:
+        actors.placement.remove()
 
 
 def reward_name(spec: str) -> str:
@@ -98,31 +136,27 @@ def repeat_each(items: list, n: int) -> list:
     return [x for x in items for _ in range(n)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def sync_weights(actors: Actors) -> None:
     """Push the learner's weights to every rollout actor: one export, read by all."""
     if actors.transport == "nccl":
         ray.get(actors.learner.send_weights_nccl.remote())
         return
-    update = actors.learner.export_weights.remote(actors.transport)
-    ray.get([r.update_weights.remote(update) for r in actors.rollouts])
+    # Every rank exports (ZeRO-3 gathers collectively); rank 0's update goes to every actor.
+    updates = [learner.export_weights.remote(actors.transport) for learner in actors.learners]
+    ray.get([*(r.update_weights.remote(updates[0]) for r in actors.rollouts), *updates[1:]])
 
 
 def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int) -> str:
-    path = ray.get(actors.learner.save_checkpoint.remote(str(run_dir / f"checkpoint-{step}")))
+    path = call_learners(actors, "save_checkpoint", str(run_dir / f"checkpoint-{step}"))
     checkpoints = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def train(cfg: Config, run_dir: Path) -> dict[str, float]:
-    """Run GRPO; returns the last step's metrics."""
+def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str, float]:
+    """Run GRPO; returns the last step's metrics. Given `actors`, trains them and leaves them
+    running; otherwise starts its own and stops them at the end."""
     g, t = cfg.grpo, cfg.trainer
     model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -133,8 +167,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         raise ValueError(f"rewards.funcs={cfg.rewards.funcs} names one function twice")
     reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
 
-    init_ray(cfg)
-    actors = start_actors(cfg, model_path)
+    own_actors = actors is None
+    if own_actors:
+        init_ray(cfg)
+        actors = start_actors(cfg, model_path)
     sampler = PromptSampler(train_set, cfg.run.seed)
     tracker = Tracker(run_dir)
     spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
@@ -167,7 +203,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                 advantages=advantages_N.tolist(),
             )
             with timer("train"):
-                metrics = ray.get(actors.learner.train_step.remote(batch))
+                metrics = call_learners(actors, "train_step", batch)
             with timer("sync"):
                 sync_weights(actors)
 
@@ -204,7 +240,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         bar.close()
         tracker.close()
         _plots(run_dir, cfg)
-        ray.get([actors.learner.close.remote(), *(r.shutdown.remote() for r in actors.rollouts)])
+        if own_actors:
+            stop_actors(actors)
     return metrics
 
 

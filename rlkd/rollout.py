@@ -114,12 +114,18 @@ class RolloutWorker:
         tensor_parallel_size: int = 1,
         use_gpu: bool = False,
         seed: int = 0,
+        actor_index: int = 0,
     ):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         start = time.perf_counter()
         extra = {"weight_transfer_config": {"backend": "nccl"}} if use_gpu else {}
         if use_gpu:
             extra["gpu_memory_utilization"] = gpu_memory_utilization
+        if tensor_parallel_size > 1:
+            # Inside a placement group vLLM would pick its Ray executor and ask the group for
+            # GPUs this actor already holds; its own processes use the actor's GPUs instead.
+            extra["distributed_executor_backend"] = "mp"
+        self.nccl_rank_offset = nccl_rank_offset(actor_index, tensor_parallel_size)
         self.llm = vllm.LLM(
             model_path,
             dtype=dtype,
@@ -173,7 +179,10 @@ class RolloutWorker:
 
     # The GPU transport: vLLM's RayVLLMWeightSyncClient calls these by name on every actor.
     def init_weight_transfer_engine(self, request: WeightTransferInitRequest) -> None:
-        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": request.init_info})
+        # vLLM's sync client sends every engine the same offset; independent engines each number
+        # their workers from 0, so each takes its own block of ranks in the transfer group.
+        info = {**request.init_info, "rank_offset": self.nccl_rank_offset}
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info})
 
     def start_weight_update(self) -> None:
         self.llm.collective_rpc("start_weight_update")
@@ -194,6 +203,16 @@ class RolloutWorker:
 
 
 RolloutActor = ray.remote(RolloutWorker)
+
+
+def nccl_rank_offset(actor_index: int, tensor_parallel_size: int) -> int:
+    """First rank of rollout actor `actor_index`'s workers in the NCCL weight-transfer group:
+    the learner sends as rank 0, actor i's tensor-parallel workers take the next block."""
+    return 1 + actor_index * tensor_parallel_size
+
+
+def nccl_world_size(num_actors: int, tensor_parallel_size: int) -> int:
+    return 1 + num_actors * tensor_parallel_size
 
 
 def shard(items: list, num_shards: int) -> list[list]:
