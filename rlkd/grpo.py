@@ -51,9 +51,11 @@ class Actors:
 def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
+    # `ray job submit` sets RAY_ADDRESS: the run then joins that cluster like ray.address=auto.
+    joins = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     ray.init(
         address=cfg.ray.address or None,
-        num_cpus=local_num_cpus(cfg) if not cfg.ray.address else None,
+        num_cpus=None if joins else local_num_cpus(cfg),
         include_dashboard=False,
         runtime_env={"env_vars": ACTOR_ENV},
         log_to_driver=True,
