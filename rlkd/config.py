@@ -125,8 +125,7 @@ class RolloutConfig:
     placement: PlacementStrategy = PlacementStrategy.pack
     """`pack` rollout actors onto as few nodes as possible, or `spread` them across nodes."""
     colocate: bool = True
-    """Put learner worker i in the same placement-group bundle (so node) as rollout actor i;
-    false gives the learners their own placement group, packed on as few nodes as possible."""
+    """Learner worker i shares rollout actor i's placement-group bundle (node); false: own group."""
     kv_cache_gb: int = 2
     """KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.4

@@ -1,11 +1,18 @@
 """Placement plans (pure), the cluster-fit check, NCCL rank blocks and resource validation."""
 
+from types import SimpleNamespace
+
 import pytest
+from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+from vllm.distributed.weight_transfer.nccl_common import (
+    NCCLWeightTransferInitInfo,
+    worker_init_payload,
+)
 
 from rlkd.config import ConfigError, load_config
 from rlkd.learner import shard_rows
 from rlkd.placement import check_fits, local_num_cpus, plan
-from rlkd.rollout import nccl_rank_offset, nccl_world_size
+from rlkd.rollout import RolloutWorker, nccl_rank_offset, nccl_world_size
 
 
 def _cfg(*overrides):
@@ -69,6 +76,21 @@ def test_local_ray_advertises_at_least_what_the_plan_reserves():
 def test_nccl_rank_blocks_tile_the_group_after_the_sender(num_actors, tp):
     ranks = [nccl_rank_offset(i, tp) + w for i in range(num_actors) for w in range(tp)]
     assert sorted(ranks) == list(range(1, nccl_world_size(num_actors, tp)))
+
+
+def test_each_engine_rewrites_the_shared_init_request_to_its_own_rank_block():
+    # vLLM's sync client sends every engine the trainer's payload, rank_offset=1 for all.
+    shared = worker_init_payload(NCCLWeightTransferInitInfo(
+        master_address="10.0.0.1", master_port=29600, rank_offset=1, world_size=nccl_world_size(3, 2)))
+    received = []
+    for i in range(3):
+        rpc = SimpleNamespace(collective_rpc=lambda method, kwargs: received.append((method, kwargs)))
+        engine = SimpleNamespace(llm=rpc, nccl_rank_offset=nccl_rank_offset(i, 2))
+        RolloutWorker.init_weight_transfer_engine(engine, WeightTransferInitRequest(init_info=shared))
+    assert [method for method, _ in received] == ["init_weight_transfer_engine"] * 3
+    infos = [NCCLWeightTransferInitInfo(**kwargs["init_info"]) for _, kwargs in received]
+    assert [info.rank_offset for info in infos] == [1, 3, 5]
+    assert {info.world_size for info in infos} == {7} and shared["rank_offset"] == 1
 
 
 def test_ranks_split_each_mini_batch_into_disjoint_equal_shares():
