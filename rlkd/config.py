@@ -488,12 +488,10 @@ def validate_resources(cfg: Config) -> None:
                 raise ConfigError(
                     f"{key}={amounts[key]}: GPU rollouts sync weights over NCCL, which needs "
                     f"whole GPUs (>= 1) for rollout actors and learner workers")
-    if r.cpus_per_actor == 0 and r.gpus_per_actor == 0:
-        raise ConfigError("rollout.cpus_per_actor=0 and rollout.gpus_per_actor=0: an actor must "
-                          "reserve something for its placement-group bundle")
-    if lrn.cpus_per_worker == 0 and lrn.gpus == 0:
-        raise ConfigError("learner.cpus_per_worker=0 and learner.gpus=0: a worker must reserve "
-                          "something for its placement-group bundle")
+    for cpus, gpus in (("rollout.cpus_per_actor", "rollout.gpus_per_actor"),
+                       ("learner.cpus_per_worker", "learner.gpus")):
+        if amounts[cpus] == 0 and amounts[gpus] == 0:
+            raise ConfigError(f"{cpus}=0 and {gpus}=0: a placement-group bundle needs a resource")
 
 
 def to_yaml(cfg: Config) -> str:
