@@ -96,6 +96,9 @@ class TeacherWeighting(str, Enum):
 class StudentInit(str, Enum):
     model = "model"
     prune = "prune"
+class PlacementStrategy(str, Enum):
+    pack = "pack"
+    spread = "spread"
 
 
 @dataclass
@@ -158,7 +161,15 @@ class RolloutConfig:
     num_actors: int = 1
     """Number of vLLM rollout actors; prompts are sharded across them."""
     gpus_per_actor: float = 0.0
-    """GPUs per rollout actor; 0 runs vLLM on CPU."""
+    """GPUs per rollout actor; 0 runs vLLM on CPU. With NCCL sync each actor needs whole GPUs."""
+    tensor_parallel_size: int = 1
+    """GPUs one vLLM engine shards the model over, on one node; needs gpus_per_actor equal to it."""
+    cpus_per_actor: float = 1.0
+    """CPUs each rollout actor reserves in its placement-group bundle."""
+    placement: PlacementStrategy = PlacementStrategy.pack
+    """`pack` rollout actors onto as few nodes as possible, or `spread` them across nodes."""
+    colocate: bool = True
+    """Learner worker i shares rollout actor i's placement-group bundle (node); false: own group."""
     kv_cache_gb: int = 2
     """KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.4
@@ -197,7 +208,11 @@ class LearnerConfig:
     dtype: str = "float32"
     """Learner compute dtype: float32 on CPU, bfloat16 on GPU."""
     gpus: float = 0.0
-    """GPUs for the learner actor; 0 trains on CPU with the gloo backend."""
+    """GPUs per learner worker; 0 trains on CPU with the gloo backend."""
+    num_workers: int = 1
+    """DeepSpeed data-parallel learner workers (one process group: gloo on CPU, NCCL on GPU)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each learner worker reserves in its placement-group bundle."""
 
 
 @dataclass
@@ -391,7 +406,10 @@ class RayConfig:
     address: str = ""
     """Address of an existing Ray cluster (`auto` or host:port); empty starts a local one."""
     num_cpus: int = 0
-    """CPUs a local Ray instance advertises; 0 lets Ray detect them."""
+    """CPUs a local Ray instance advertises; 0 means the cores, or what the actors reserve if
+    more (rollout and learner phases alternate, so they share the cores)."""
+    placement_timeout_s: int = 300
+    """How long to wait for the cluster to fit the actors' placement groups."""
 
 
 @dataclass
@@ -609,6 +627,8 @@ def validate(cfg: Config) -> None:
         "grpo.mini_batches": g.mini_batches,
         "learner.micro_batch_size": cfg.learner.micro_batch_size,
         "rollout.num_actors": cfg.rollout.num_actors,
+        "rollout.tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+        "learner.num_workers": cfg.learner.num_workers,
         "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
     }
@@ -630,6 +650,7 @@ def validate(cfg: Config) -> None:
                 f"{key}={value} leaves no room for the prompt in "
                 f"model.max_model_len={cfg.model.max_model_len}"
             )
+    validate_resources(cfg)
     if g.beta < 0 or g.clip_low < 0 or g.clip_high < 0 or g.tis_cap < 0:
         raise ConfigError("grpo.beta, grpo.clip_low, grpo.clip_high and grpo.tis_cap must be >= 0")
     for key, value in {"cot.samples_per_temperature": cfg.cot.samples_per_temperature,
@@ -679,6 +700,37 @@ def validate_distill(cfg: Config) -> None:
         layers = cfg.student.layers.strip()
         if not (layers == "every_other" or re.fullmatch(r"first:\d+|\d+(,\d+)*", layers)):
             raise ConfigError(f"student.layers={layers!r}: expected every_other, first:K or indices like 0,2,5")
+
+
+def validate_resources(cfg: Config) -> None:
+    """Actor resources that no cluster could satisfy, or that would deadlock a step."""
+    r, lrn = cfg.rollout, cfg.learner
+    amounts = {"rollout.gpus_per_actor": r.gpus_per_actor, "rollout.cpus_per_actor": r.cpus_per_actor,
+               "learner.gpus": lrn.gpus, "learner.cpus_per_worker": lrn.cpus_per_worker}
+    for key, value in amounts.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    minibatch = cfg.grpo.group_size * cfg.grpo.prompts_per_step // cfg.grpo.mini_batches
+    if minibatch % lrn.num_workers:
+        # Every rank must run the same number of micro-batches, or the all-reduce hangs.
+        raise ConfigError(
+            f"learner.num_workers={lrn.num_workers} does not divide the mini-batch of "
+            f"{minibatch} sequences (grpo.prompts_per_step*grpo.group_size/grpo.mini_batches)")
+    if r.tensor_parallel_size > 1 and r.gpus_per_actor != r.tensor_parallel_size:
+        raise ConfigError(
+            f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs "
+            f"rollout.gpus_per_actor={r.tensor_parallel_size}, got {r.gpus_per_actor}")
+    if r.gpus_per_actor > 0:
+        # NCCL weight sync: one rank per GPU, and the learner sends from a GPU.
+        for key in ("rollout.gpus_per_actor", "learner.gpus"):
+            if amounts[key] < 1 or amounts[key] != int(amounts[key]):
+                raise ConfigError(
+                    f"{key}={amounts[key]}: GPU rollouts sync weights over NCCL, which needs "
+                    f"whole GPUs (>= 1) for rollout actors and learner workers")
+    for cpus, gpus in (("rollout.cpus_per_actor", "rollout.gpus_per_actor"),
+                       ("learner.cpus_per_worker", "learner.gpus")):
+        if amounts[cpus] == 0 and amounts[gpus] == 0:
+            raise ConfigError(f"{cpus}=0 and {gpus}=0: a placement-group bundle needs a resource")
 
 
 def to_yaml(cfg: Config) -> str:

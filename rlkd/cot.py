@@ -213,7 +213,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                 ray.get([r.ready.remote() for r in rollouts])
                 samples, throughput = generate_samples(cfg, tokenizer, examples, rollouts)
             finally:
-                shutdown(None, rollouts)
+                shutdown([], rollouts)
     kept, report = apply_filters(samples, cfg.filter)
     report["throughput"] = throughput
     write_outputs(samples, kept, report, cfg, run_dir)

@@ -12,7 +12,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from rlkd.data import PromptSampler, build_prompt
 from rlkd.eval import score
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.losses import group_advantages
+from rlkd.placement import Placement, local_num_cpus, plan, reserve
 from rlkd.preflight import load_inputs, reward_name
 from rlkd.recovery import RolloutGuard, count_bad_steps, learner_died, shutdown
 from rlkd.resume import (
@@ -36,7 +37,7 @@ from rlkd.resume import (
     resume_checkpoint,
     truncate_metrics,
 )
-from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
+from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded, nccl_world_size
 from rlkd.tracking import Timer, Tracker, plot_curves
 
 # Environment every actor (and the vLLM processes it spawns) starts with.
@@ -49,9 +50,11 @@ ACTOR_ENV = {
 
 @dataclass
 class Actors:
-    learner: ray.actor.ActorHandle
+    learner: ray.actor.ActorHandle  # rank 0 of `learners`
     rollouts: list[ray.actor.ActorHandle]
     transport: str  # "shm" | "bytes" | "nccl"
+    learners: list[ray.actor.ActorHandle] = field(default_factory=list)  # data-parallel ranks
+    placement: Placement | None = None
 
 
 def init_ray(cfg: Config) -> None:
@@ -59,48 +62,80 @@ def init_ray(cfg: Config) -> None:
         return
     # Empty ray.address starts a private local instance instead of silently joining whatever
     # `ray start` cluster runs on this machine; `ray job submit` sets RAY_ADDRESS to join.
+    joins = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     ray.init(
-        address=cfg.ray.address or (None if os.environ.get("RAY_ADDRESS") else "local"),
-        num_cpus=(cfg.ray.num_cpus or None) if not cfg.ray.address else None,
+        address=cfg.ray.address or (None if joins else "local"),
+        num_cpus=None if joins else local_num_cpus(cfg),
         include_dashboard=False,
         runtime_env={"env_vars": ACTOR_ENV},
         log_to_driver=True,
     )
 
 
-def start_actors(cfg: Config, model_path: str, learner: ray.actor.ActorHandle | None = None) -> Actors:
-    """One learner (a new LearnerActor unless given) and rollout.num_actors vLLM engines;
-    picks the weight transport."""
-    use_gpu = cfg.rollout.gpus_per_actor > 0
-    # CPU actors reserve no Ray CPUs: the phases alternate, so each may use every core.
-    if learner is None:
-        # A free port, not torch's default 29500: other jobs on the node may hold that one.
-        learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
-            cfg, model_path, master_port=free_port())
+def start_learners(cfg: Config, model_path: str, placement: Placement) -> list[ray.actor.ActorHandle]:
+    """learner.num_workers DeepSpeed ranks in their bundles; they rendezvous on rank 0's node."""
+    slots = placement.plan.learners
+    master_addr, master_port = placement.address(slots[0])
+    return [
+        LearnerActor.options(**placement.options(slot)).remote(
+            cfg, model_path, rank=rank, world_size=len(slots),
+            master_addr=master_addr, master_port=master_port)
+        for rank, slot in enumerate(slots)
+    ]
+
+
+def start_rollouts(cfg: Config, model_path: str, placement: Placement) -> list[ray.actor.ActorHandle]:
+    """rollout.num_actors vLLM engines in their bundles, started (blocks until they are)."""
     rollouts = [
-        RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor,
-                             max_restarts=cfg.rollout.max_restarts).remote(
+        RolloutActor.options(**placement.options(slot), max_restarts=cfg.rollout.max_restarts).remote(
             model_path,
             max_model_len=cfg.model.max_model_len,
             dtype=cfg.rollout.dtype,
             enforce_eager=cfg.rollout.enforce_eager,
             kv_cache_gb=cfg.rollout.kv_cache_gb,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            use_gpu=use_gpu,
+            tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+            use_gpu=cfg.rollout.gpus_per_actor > 0,
             seed=cfg.run.seed + i,
+            actor_index=i,
         )
-        for i in range(cfg.rollout.num_actors)
+        for i, slot in enumerate(placement.plan.rollouts)
     ]
     ray.get([r.ready.remote() for r in rollouts])
+    return rollouts
+
+
+def start_actors(cfg: Config, model_path: str, learner: ray.actor.ActorHandle | None = None) -> Actors:
+    """Learner ranks (or the one `learner` given, for distillation) and rollout.num_actors vLLM
+    engines in placement groups; picks the weight transport."""
+    use_gpu = cfg.rollout.gpus_per_actor > 0
+    placement = reserve(plan(cfg), cfg.ray.placement_timeout_s)
+    learners = [learner] if learner is not None else start_learners(cfg, model_path, placement)
+    rollouts = start_rollouts(cfg, model_path, placement)
+    learner = learners[0]
     if use_gpu:
         transport = "nccl"
-        world = 1 + cfg.rollout.num_actors  # the learner sends as rank 0
-        ray.get(learner.init_nccl_sync.remote(rollouts, free_port(), world))
+        world = nccl_world_size(cfg.rollout.num_actors, cfg.rollout.tensor_parallel_size)
+        _, port = placement.address(placement.plan.learners[0])  # free on the sender's node
+        ray.get(learner.init_nccl_sync.remote(rollouts, port, world))
     else:
         nodes = set(ray.get([r.node_id.remote() for r in rollouts]))
         same_node = nodes == {ray.get(learner.node_id.remote())}
         transport = "shm" if same_node else "bytes"
-    return Actors(learner, rollouts, transport)
+    return Actors(learner, rollouts, transport, learners, placement)
+
+
+def call_learners(actors: Actors, method: str, *args):
+    """Run `method` on every data-parallel rank (they step together); returns rank 0's result.
+    Arguments go into the object store once, for all ranks."""
+    refs = [ray.put(a) for a in args]
+    return ray.get([getattr(learner, method).remote(*refs) for learner in actors.learners])[0]
+
+
+def stop_actors(actors: Actors) -> None:
+    shutdown(actors.learners, actors.rollouts)
+    if actors.placement is not None:
+        actors.placement.remove()
 
 
 def repeat_each(items: list, n: int) -> list:
@@ -119,13 +154,14 @@ def sync_weights(actors: Actors) -> None:
     if actors.transport == "nccl":
         ray.get(actors.learner.send_weights_nccl.remote())
         return
-    update = actors.learner.export_weights.remote(actors.transport)
-    ray.get([r.update_weights.remote(update) for r in actors.rollouts])
+    # Every rank exports (ZeRO-3 gathers collectively); rank 0's update goes to every actor.
+    updates = [learner.export_weights.remote(actors.transport) for learner in actors.learners]
+    ray.get([*(r.update_weights.remote(updates[0]) for r in actors.rollouts), *updates[1:]])
 
 
 def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int, state: dict | None = None) -> str:
-    """`state` (the driver's, for exact resume) makes the learner add its optimizer state."""
-    path = ray.get(actors.learner.save_checkpoint.remote(str(run_dir / f"checkpoint-{step}"), state))
+    """`state` (the driver's, for exact resume) makes the learners add their optimizer state."""
+    path = call_learners(actors, "save_checkpoint", str(run_dir / f"checkpoint-{step}"), state)
     checkpoints = sorted(run_dir.glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
     for old in checkpoints[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -134,8 +170,9 @@ def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int, state: 
     return path
 
 
-def train(cfg: Config, run_dir: Path) -> dict[str, float]:
-    """Run GRPO; returns the last step's metrics."""
+def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str, float]:
+    """Run GRPO; returns the last step's metrics. Given `actors`, trains them and leaves them
+    running; otherwise starts its own and stops them at the end."""
     g, t = cfg.grpo, cfg.trainer
     inputs = load_inputs(cfg)
     tokenizer, eval_set = inputs.tokenizer, inputs.eval_set
@@ -147,8 +184,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
               "nothing left to train")
         return {}
 
-    init_ray(cfg)
-    actors = start_actors(cfg, inputs.model_path)
+    own_actors = actors is None
+    if own_actors:
+        init_ray(cfg)
+        actors = start_actors(cfg, inputs.model_path)
     sampler = PromptSampler(inputs.train_set, cfg.run.seed)
     bad_steps = 0
     guard = RolloutGuard(actors.learner, actors.rollouts, partial(sync_weights, actors),
@@ -171,7 +210,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                initial=start_step, total=t.max_steps)
     try:
         if resume_from:
-            state = ray.get(actors.learner.load_checkpoint.remote(str(resume_from)))
+            state = call_learners(actors, "load_checkpoint", str(resume_from))
             _, bad_steps = restore_driver_state(state, sampler)
             sync_weights(actors)
             bar.write(f"rlkd: resumed from {resume_from}")
@@ -198,7 +237,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                 advantages=advantages_N.tolist(),
             )
             with timer("train"):
-                metrics = ray.get(actors.learner.train_step.remote(batch))
+                metrics = call_learners(actors, "train_step", batch)
             bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
             with timer("sync"):
                 guard("weight sync", partial(sync_weights, actors))
@@ -247,7 +286,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         bar.close()
         tracker.close()
         _plots(run_dir, cfg)
-        shutdown(actors.learner, actors.rollouts)
+        if own_actors:
+            stop_actors(actors)
     return metrics
 
 

@@ -122,6 +122,12 @@ def deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
     return ds
 
 
+def shard_rows(rows: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s contiguous share of a mini-batch; world_size divides len(rows)."""
+    size = len(rows) // world_size
+    return rows[rank * size:(rank + 1) * size]
+
+
 class Learner:
     """Holds the trainable policy (and, when beta > 0, a frozen reference)."""
 
@@ -148,8 +154,10 @@ class Learner:
             self.reference.to(self.device).eval().requires_grad_(False)
 
         g = cfg.grpo
-        self.minibatch_size = g.group_size * g.prompts_per_step // g.mini_batches // world_size
-        micro_per_step = -(-self.minibatch_size // cfg.learner.micro_batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.minibatch_size = g.group_size * g.prompts_per_step // g.mini_batches
+        # Each rank trains on its 1/world_size of every mini-batch.
+        micro_per_step = -(-self.minibatch_size // world_size // cfg.learner.micro_batch_size)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr,
                                       weight_decay=cfg.learner.weight_decay,
                                       fused=self.device.type == "cuda")
@@ -206,8 +214,9 @@ class Learner:
             for m0 in range(0, len(batch), self.minibatch_size):
                 mini = order[m0:m0 + self.minibatch_size]
                 denom = self._denominator(batch.select(mini))
-                for u0 in range(0, len(mini), mbs):
-                    idx = mini[u0:u0 + mbs]
+                rows = shard_rows(mini, self.rank, self.world_size)
+                for u0 in range(0, len(rows), mbs):
+                    idx = rows[u0:u0 + mbs]
                     t = collate(batch.select(idx))
                     logprobs_BT = self._logprobs(self.engine.module, t)
                     mask_BT = t["mask_BT"].to(self.device)
@@ -224,14 +233,16 @@ class Learner:
                         max_len=self.cfg.rollout.max_new_tokens,
                     )
                     share = self._denominator(batch.select(idx)) / denom
-                    # DeepSpeed divides by gradient_accumulation_steps; undo it and weight each
-                    # micro-batch by its share so the step sees the exact mini-batch aggregate.
-                    self.engine.backward(loss * share * self.micro_per_step)
+                    # DeepSpeed divides by gradient_accumulation_steps and averages gradients
+                    # over ranks; undo both and weight each micro-batch by its share of the whole
+                    # mini-batch so the step sees the exact mini-batch aggregate.
+                    self.engine.backward(loss * share * self.micro_per_step * self.world_size)
                     self.engine.step()
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + v * share
                     sums["loss"] = sums.get("loss", 0.0) + loss.item() * share
                     weight_total += share
+        sums, weight_total = self._sum_over_ranks(sums, weight_total)
         out = {f"train/{k}": v / max(weight_total, 1e-9) for k, v in sums.items()}
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
@@ -296,6 +307,15 @@ class Learner:
             tokens += float(mask_BT.sum())
         return nll / max(tokens, 1.0)
 
+    def _sum_over_ranks(self, sums: dict[str, float], weight: float) -> tuple[dict[str, float], float]:
+        """Share-weighted metric sums of all ranks, so every rank reports the global step."""
+        if self.world_size == 1:
+            return sums, weight
+        keys = sorted(sums)
+        packed = torch.tensor([weight, *(sums[k] for k in keys)], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(packed)
+        return dict(zip(keys, packed[1:].tolist(), strict=True)), packed[0].item()
+
     def _gather(self, cached: list[torch.Tensor], idx: list[int], like_BT: torch.Tensor) -> torch.Tensor:
         """Rows `idx` of per-micro-batch cached logprobs, padded to like_BT's width."""
         mbs = self.cfg.learner.micro_batch_size
@@ -323,9 +343,14 @@ class Learner:
         with gather:
             return {k: v.detach().to("cpu", dtype).clone() for k, v in params.items()}
 
-    def export_weights(self, transport: str) -> WeightUpdate:
+    def export_weights(self, transport: str) -> WeightUpdate | None:
         """`shm`: a safetensors file on this node's shared memory; `bytes`: the same as bytes,
-        returned once into Ray's object store for actors on other nodes."""
+        returned once into Ray's object store for actors on other nodes. Rank 0 exports; the
+        other ranks return None, after joining ZeRO-3's parameter gather."""
+        if self.rank != 0:
+            if self.zero3:
+                self._named_weights()
+            return None
         weights = self._named_weights()
         if transport == "bytes":
             return WeightUpdate(version=self.version, blob=save(weights))
@@ -359,19 +384,28 @@ class Learner:
         self.nccl.send_weights()
         return time.perf_counter() - start
 
-    def save_checkpoint(self, path: str, trainer_state: dict | None = None) -> str:
+    def save_checkpoint(self, path: str, trainer_state: dict | None = None) -> str | None:
         """HF checkpoint (weights + tokenizer) written to a temp dir and renamed into place, so
         a kill mid-write never leaves a checkpoint that looks complete. With `trainer_state`
         (the driver's step, data cursor and RNG) it also holds DeepSpeed's optimizer and
-        scheduler state and this learner's RNG: everything `load_checkpoint` needs to resume."""
+        scheduler state and this learner's RNG: everything `load_checkpoint` needs to resume.
+        Every rank calls it (DeepSpeed's state save is collective); rank 0 writes the rest."""
         final = Path(path)
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.world_size > 1:
+            torch.distributed.barrier()
         if trainer_state is not None:
             self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
-            learner = {"version": self.version, "torch_rng": torch.get_rng_state(),
-                       "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-            torch.save({**trainer_state, "learner": learner}, tmp / TRAINER_STATE)
+            if self.rank == 0:
+                learner = {"version": self.version, "torch_rng": torch.get_rng_state(),
+                           "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                torch.save({**trainer_state, "learner": learner}, tmp / TRAINER_STATE)
+        if self.rank != 0:
+            if self.zero3:
+                self._named_weights()  # the gather is collective
+            return None
         self.engine.module.save_pretrained(tmp, state_dict=self._named_weights() if self.zero3 else None)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
         gen_cfg = Path(self.model_path) / "generation_config.json"

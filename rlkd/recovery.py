@@ -126,11 +126,9 @@ def learner_died(error: RayError, step: int, run_dir: Path) -> LearnerDiedError:
     return LearnerDiedError(f"learner actor died during step {step} ({one_line(error)}); {last}")
 
 
-def shutdown(learner, rollouts: list) -> None:
-    """Close every actor that still answers (learner may be None); a dead one must not hide the
-    error that killed it."""
-    refs = [learner.close.remote()] if learner is not None else []
-    for ref in [*refs, *(r.shutdown.remote() for r in rollouts)]:
+def shutdown(learners: list, rollouts: list) -> None:
+    """Close every actor that still answers; a dead one must not hide the error that killed it."""
+    for ref in [*(lr.close.remote() for lr in learners), *(r.shutdown.remote() for r in rollouts)]:
         try:
             ray.get(ref, timeout=120)
         except (RayError, TimeoutError) as e:

@@ -136,6 +136,7 @@ class RolloutWorker:
         use_gpu: bool = False,
         seed: int = 0,
         logprobs_mode: str = "processed_logprobs",
+        actor_index: int = 0,
     ):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
         start = time.perf_counter()
@@ -146,6 +147,11 @@ class RolloutWorker:
             # request's seeded generator, which CPU generators cannot do ("CPU Generator does
             # not use offset"): seeded batches longer than the token budget would crash.
             extra = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+        if tensor_parallel_size > 1:
+            # Inside a placement group vLLM would pick its Ray executor and ask the group for
+            # GPUs this actor already holds; its own processes use the actor's GPUs instead.
+            extra["distributed_executor_backend"] = "mp"
+        self.nccl_rank_offset = nccl_rank_offset(actor_index, tensor_parallel_size)
         self.llm = vllm.LLM(
             model_path,
             dtype=dtype,
@@ -202,7 +208,10 @@ class RolloutWorker:
 
     # The GPU transport: vLLM's RayVLLMWeightSyncClient calls these by name on every actor.
     def init_weight_transfer_engine(self, request: WeightTransferInitRequest) -> None:
-        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": request.init_info})
+        # vLLM's sync client sends every engine the same offset; independent engines each number
+        # their workers from 0, so each takes its own block of ranks in the transfer group.
+        info = {**request.init_info, "rank_offset": self.nccl_rank_offset}
+        self.llm.collective_rpc("init_weight_transfer_engine", kwargs={"init_info": info})
 
     def start_weight_update(self) -> None:
         self.llm.collective_rpc("start_weight_update")
@@ -227,6 +236,16 @@ class RolloutWorker:
 
 
 RolloutActor = ray.remote(RolloutWorker)
+
+
+def nccl_rank_offset(actor_index: int, tensor_parallel_size: int) -> int:
+    """First rank of rollout actor `actor_index`'s workers in the NCCL weight-transfer group:
+    the learner sends as rank 0, actor i's tensor-parallel workers take the next block."""
+    return 1 + actor_index * tensor_parallel_size
+
+
+def nccl_world_size(num_actors: int, tensor_parallel_size: int) -> int:
+    return 1 + num_actors * tensor_parallel_size
 
 
 def shard(items: list, num_shards: int) -> list[list]:

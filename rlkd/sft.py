@@ -174,5 +174,5 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         plot_curves(run_dir / "metrics.jsonl", ["train/loss", "eval/heldout_nll"], run_dir / "loss.png",
                     "SFT loss (token-mean NLL)")
         plot_curves(run_dir / "metrics.jsonl", ["eval/accuracy"], run_dir / "accuracy.png", "SFT held-out accuracy")
-        shutdown(learner, rollouts)
+        shutdown([learner], rollouts)
     return metrics
