@@ -13,7 +13,7 @@ from rlkd.placement import plan, reserve
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV})
     yield
     ray.shutdown()
 
