@@ -1,6 +1,6 @@
 """Learner throughput: rlkd's DeepSpeed `Learner.train_step` vs a plain PyTorch loop, same batch.
 
-    python scripts/bench_learner.py [--rows 16 --completion-tokens 128 --steps 4] [--quick]
+    python scripts/bench_learner.py [--rows 16 --completion-tokens 128 --steps 3] [--quick]
 
 One fixed GRPO batch: `--rows` real GSM8K prompts (rlkd's chat template) each followed by
 `--completion-tokens` random token ids, with random advantages and rollout logprobs. Both sides
@@ -79,7 +79,7 @@ def main() -> None:
     p = parser("bench_learner", __doc__)
     p.add_argument("--rows", type=int, default=16, help="sequences per batch (a GRPO rollout batch)")
     p.add_argument("--completion-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per side")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     p.add_argument("overrides", nargs="*", help="rlkd config overrides, key=value")
     args = p.parse_args()
@@ -121,8 +121,6 @@ def main() -> None:
              f"micro-batch {cfg.learner.micro_batch_size}, {cfg.learner.deepspeed_config}, {'GPU' if gpu else 'CPU'}")
     print_table(title, headers, rows)
     print_table("ratio", ["ratio", "value"], [["rlkd/plain tokens/s", ratio]])
-    gap = (f"DeepSpeed costs {1 - ratio:.0%} of plain PyTorch throughput: its engine hooks, ZeRO partition "
-           "bookkeeping and fp32 gradient copy on one rank")
     write_result(args.out, "bench_learner", {
         "title": title,
         "settings": {"rows": args.rows, "completion_tokens": args.completion_tokens, "tokens_per_batch": tokens,
@@ -132,8 +130,8 @@ def main() -> None:
         "seconds": seconds,
         "table": {"headers": headers, "rows": rows},
         "ratios": {"rlkd/plain": ratio},
-        # No target in the issue; 0.9 marks "DeepSpeed costs at most 10%".
-        "targets": [target("learner rlkd/plain", ratio, ">= 0.9 (no target set; overhead check)", ratio >= 0.9, gap)],
+        # The issue sets no target here: the figure is the DeepSpeed overhead, reported as is.
+        "targets": [target("learner tokens/s rlkd/plain", ratio, "none (DeepSpeed overhead)", None)],
     })
     learner.close()
 
