@@ -29,7 +29,8 @@ learner; no eval, no periodic checkpoints) and reads `time/step` from metrics.js
 in this process with HF `generate` on CPU and its colocated vLLM on GPU; a TrainerCallback takes
 the wall time between optimizer steps, and the time in `_generate_and_score_completions`
 (generation, rewards, advantages) is split out. The first --warmup steps (compilation, caches,
-allocator growth) are left out of both means. Start-up is reported apart. Target on CPU: rlkd
+allocator growth) are left out of both means. Time outside the steps (start-up; for rlkd also
+the final checkpoint and shutdown) is reported apart. Target on CPU: rlkd
 at least 5x faster per step than TRL.
 """
 
@@ -195,7 +196,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    headers = ["side", "s/step", "phases (s/step)", "completion tokens", "start-up s"]
+    headers = ["side", "s/step", "phases (s/step)", "completion tokens", "outside steps s"]
     rows = [[name, r["step_s"], ", ".join(f"{k} {v:.1f}" for k, v in r["phases_s"].items()),
              r["completion_tokens"], r["startup_s"]] for name, r in sides.items()]
     batch = f"{args.prompts_per_step}x{args.group_size} completions x {args.max_tokens} tokens"

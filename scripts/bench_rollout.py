@@ -19,6 +19,7 @@ On a GPU machine every side runs on the GPU in bfloat16.
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -75,6 +76,7 @@ def bench_rlkd(cfg, model_path: str, prompts: list[str], args, gpu: bool) -> tup
 
 
 def bench_vllm(cfg, model_path: str, prompts: list[str], args, gpu: bool) -> dict[str, tuple]:
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)  # as RolloutWorker sets it
     llm = vllm.LLM(model_path, **engine_kwargs(cfg, gpu))
     try:
         llm.generate(prompts[:2], vllm.SamplingParams(max_tokens=8, seed=0), use_tqdm=False)

@@ -76,7 +76,7 @@ def time_sync(learner, rollout, transport: str, repeats: int) -> dict[str, float
 
 def bench_size(cfg, model_path: str, transports: list[str], repeats: int, gpu: bool) -> dict[str, dict]:
     share = 0.5 if gpu else 0
-    learner = LearnerActor.options(num_cpus=0, num_gpus=share).remote(cfg, model_path)
+    learner = LearnerActor.options(num_cpus=0, num_gpus=share).remote(cfg, model_path, master_port=free_port())
     rollout = RolloutActor.options(num_cpus=0, num_gpus=share).remote(
         model_path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
         enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
