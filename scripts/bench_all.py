@@ -114,9 +114,9 @@ def report(results: Path, runs: dict[str, dict], quick: bool, wall_s: float | No
 
 
 def readme_block(targets: list[dict]) -> str:
-    figures = "; ".join(f"{t['name']}: {cell(t['value'])} (goal {t['goal']}, {verdict(t).strip('*')})"
-                        for t in targets if t["value"] is not None)
-    return f"{README_START}\nCurrent figures (from BENCHMARKS.md): {figures}.\n{README_END}"
+    lines = [f"- {t['name']}: **{cell(t['value'])}** (goal {t['goal']}: {verdict(t).strip('*')})"
+             for t in targets if t["value"] is not None]
+    return "\n".join([README_START, "Current figures (details in BENCHMARKS.md):", "", *lines, README_END])
 
 
 def main() -> None:
