@@ -21,7 +21,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlkd.answer import answers_match, extract_answer
-from rlkd.config import Config, ConfigError, DataConfig, InputError, from_cli
+from rlkd.compose import from_cli
+from rlkd.config import Config, ConfigError, DataConfig, InputError
 from rlkd.data import Example, build_prompt, load_split
 from rlkd.models import count_parameters, resolve_model
 from rlkd.preflight import check_context, check_prompt_lengths

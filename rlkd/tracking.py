@@ -16,7 +16,8 @@ matplotlib.use("Agg")  # headless: plots are written to PNG, never shown
 import matplotlib.pyplot as plt  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
-from rlkd.config import Config, to_yaml  # noqa: E402
+from rlkd.compose import to_yaml  # noqa: E402
+from rlkd.config import Config  # noqa: E402
 
 
 def make_run_dir(cfg: Config, recipe: str | None) -> Path:

@@ -2,7 +2,8 @@
 
 import sys
 
-from rlkd.config import Config, InputError, RunStopped, Task, from_cli
+from rlkd.compose import from_cli
+from rlkd.config import Config, InputError, RunStopped, Task
 from rlkd.tracking import make_run_dir
 
 # Task modules import Ray, vLLM and DeepSpeed (~30 s); they load only after the config is

@@ -27,7 +27,7 @@ import torch
 from bench_common import free_port, gsm8k_prompts, on_gpu, parser, print_table, target, write_result
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkd.config import load_config
+from rlkd.compose import load_config
 from rlkd.learner import DTYPES, Learner, TrainBatch, collate
 from rlkd.losses import grpo_loss, selective_log_softmax
 from rlkd.models import resolve_model

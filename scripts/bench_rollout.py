@@ -28,7 +28,7 @@ import vllm
 from bench_common import gsm8k_prompts, on_gpu, parser, print_table, target, write_result
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkd.config import load_config
+from rlkd.compose import load_config
 from rlkd.grpo import init_ray
 from rlkd.models import resolve_model
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded

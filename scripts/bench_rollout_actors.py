@@ -15,7 +15,8 @@ import time
 import ray
 from transformers import AutoTokenizer
 
-from rlkd.config import REPO_ROOT, load_config
+from rlkd.compose import load_config
+from rlkd.config import REPO_ROOT
 from rlkd.data import build_prompt, load_split
 from rlkd.grpo import init_ray, start_rollouts
 from rlkd.models import resolve_model

@@ -32,7 +32,7 @@ import torch
 from bench_common import RESULTS_DIR, free_port, on_gpu, parser, print_table, target, write_result
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from rlkd.config import load_config
+from rlkd.compose import load_config
 from rlkd.grpo import init_ray
 from rlkd.learner import LearnerActor
 from rlkd.models import count_parameters, resolve_model

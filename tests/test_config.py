@@ -11,13 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from rlkd import config
-from rlkd.config import (
-    AdvScale,
-    Config,
-    ConfigError,
-    OnError,
-    Task,
-    TrainerConfig,
+from rlkd.compose import (
     all_keys,
     field_docs,
     from_cli,
@@ -26,6 +20,7 @@ from rlkd.config import (
     recipe_names,
     recipe_path,
 )
+from rlkd.config import AdvScale, Config, ConfigError, OnError, Task, TrainerConfig
 
 RECIPES = recipe_names()
 

@@ -19,7 +19,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rlkd.config import load_config
+from rlkd.compose import load_config
 from rlkd.data import Example
 from rlkd.distill import reference_ids, reverse_kl_estimate
 from rlkd.distill_learner import DistillBatch, DistillLearner

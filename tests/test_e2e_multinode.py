@@ -11,7 +11,7 @@ from conftest import GSM8K_DIR, REPO_ROOT
 from ray.cluster_utils import Cluster
 from transformers import AutoModelForCausalLM
 
-from rlkd.config import load_config
+from rlkd.compose import load_config
 from rlkd.grpo import init_ray, start_actors, stop_actors, train
 from rlkd.models import resolve_model
 from rlkd.rollout import SamplingSpec

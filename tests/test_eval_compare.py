@@ -9,7 +9,8 @@ import math
 
 import pytest
 
-from rlkd.config import ConfigError, load_config
+from rlkd.compose import load_config
+from rlkd.config import ConfigError
 from rlkd.eval import _read_predictions, compare, evaluate
 from rlkd.stats import mcnemar_exact
 

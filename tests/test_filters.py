@@ -6,7 +6,8 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from rlkd.config import ConfigError, FilterConfig, Select, load_config
+from rlkd.compose import load_config
+from rlkd.config import ConfigError, FilterConfig, Select
 from rlkd.cot import gold_samples, plot_lengths, read_samples, teacher_prompt, write_outputs
 from rlkd.data import Example
 from rlkd.filters import (

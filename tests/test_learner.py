@@ -8,7 +8,7 @@ from safetensors.torch import load, load_file
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlkd.config import load_config
+from rlkd.compose import load_config
 from rlkd.learner import Learner, TrainBatch, collate
 
 

@@ -6,7 +6,7 @@ import ray
 import torch
 from test_learner import _batch, tiny_model  # noqa: F401  (tiny_model is a fixture)
 
-from rlkd.config import load_config
+from rlkd.compose import load_config
 from rlkd.grpo import ACTOR_ENV, Actors, call_learners, start_learners, stop_actors
 from rlkd.placement import plan, reserve
 

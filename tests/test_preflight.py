@@ -11,7 +11,8 @@ import pytest
 import ray
 from conftest import GSM8K_DIR
 
-from rlkd.config import InputError, load_config
+from rlkd.compose import load_config
+from rlkd.config import InputError
 from rlkd.eval import main as eval_main
 from rlkd.preflight import load_inputs
 from rlkd.train import main

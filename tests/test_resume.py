@@ -14,7 +14,8 @@ import torch
 from test_learner import _batch, _learner, tiny_model  # noqa: F401  (the fixture)
 from transformers import LlamaForCausalLM
 
-from rlkd.config import InputError, load_config
+from rlkd.compose import load_config
+from rlkd.config import InputError
 from rlkd.data import Example, PromptSampler
 from rlkd.learner import remove_stale_weight_dirs
 from rlkd.recovery import BadStepsError, count_bad_steps

@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkd.config import ConfigError, load_config
+from rlkd.compose import load_config
+from rlkd.config import ConfigError
 from rlkd.learner import Learner, TrainBatch, collate, collate_packed
 from rlkd.losses import selective_log_softmax
 from rlkd.sft import batches, read_dataset, sft_examples, tokenize
