@@ -56,6 +56,10 @@ class Actors:
     learners: list[ray.actor.ActorHandle] = field(default_factory=list)  # data-parallel ranks
     placement: Placement | None = None
 
+    def __post_init__(self):
+        # A single learner is rank 0 of a one-rank group: every per-rank call must reach it.
+        self.learners = self.learners or [self.learner]
+
 
 def init_ray(cfg: Config) -> None:
     if ray.is_initialized():

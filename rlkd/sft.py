@@ -135,7 +135,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         use_gpu=cfg.rollout.gpus_per_actor > 0, seed=cfg.run.seed)] if eval_acc else []
     # Same-node CPU actors read the learner's export from shared memory.
-    actors = Actors(learner, rollouts, "bytes" if cfg.ray.address else "shm")
+    actors = Actors(learner, rollouts, "bytes" if cfg.ray.address else "shm", [learner])
     tracker = Tracker(run_dir)
     eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     pack_len = s.max_seq_len if s.packing else 0
