@@ -40,11 +40,13 @@ from rlkd.grpo import (
     reward_name,
     save_checkpoint,
     start_actors,
+    stop_actors,
     sync_weights,
 )
 from rlkd.losses import group_advantages
 from rlkd.models import count_parameters, resolve_model
 from rlkd.prune import prune
+from rlkd.recovery import shutdown
 from rlkd.rollout import SamplingSpec, generate_sharded
 from rlkd.teacher import TeacherActor, shared_vocab_size
 from rlkd.tracking import Timer, Tracker, plot_curves
@@ -214,6 +216,6 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         plot_curves(run_dir / "metrics.jsonl", ["eval/reverse_kl", "train/single_step_kl", "train/jsd",
                                                 "train/forward_kl", "eval/accuracy"],
                     run_dir / "distill.png", f"{d.objective.value}: student vs teacher")
-        ray.get([learner.close.remote(), *(r.shutdown.remote() for r in actors.rollouts),
-                 *(a.shutdown.remote() for a in teachers)])
+        stop_actors(actors)
+        shutdown([], teachers)
     return metrics
