@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -120,6 +121,25 @@ def _die_with_process(worker, pid: int, create_time: float) -> None:
         threading.Thread(target=watch, daemon=True, name="rlkd-die-with-actor").start()
 
 
+def _exit_when_engine_dies(engine_core, stopping: threading.Event) -> None:
+    """vLLM's sync client waits forever for the outputs of an engine process that died
+    mid-request: its liveness monitor marks the engine dead and stops the output thread without
+    waking the waiter. A rollout actor without an engine is useless, so it exits; Ray restarts
+    it and the driver's pending call fails (and is retried) instead of hanging."""
+    resources = getattr(engine_core, "resources", None)
+    if resources is None:  # in-process engine: nothing separate to die
+        return
+
+    def watch():
+        while not stopping.wait(1.0):
+            if resources.engine_dead:
+                print("rlkd: the vLLM engine process died; exiting so that Ray restarts this actor",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="rlkd-engine-watchdog").start()
+
+
 class RolloutWorker:
     """Owns one vLLM engine. Plain class: `RolloutActor` is its Ray actor, eval uses it bare."""
 
@@ -167,6 +187,8 @@ class RolloutWorker:
         )
         me = psutil.Process()
         self.llm.collective_rpc(_die_with_process, args=(me.pid, me.create_time()))
+        self._stopping = threading.Event()
+        _exit_when_engine_dies(self.llm.llm_engine.engine_core, self._stopping)
         self.startup_seconds = time.perf_counter() - start
         self.version = 0
 
@@ -222,6 +244,7 @@ class RolloutWorker:
 
     def shutdown(self) -> None:
         """Stop vLLM's engine processes; Ray's kill of this actor would orphan them."""
+        self._stopping.set()
         self.llm.llm_engine.engine_core.shutdown()
 
     def node_id(self) -> str:
