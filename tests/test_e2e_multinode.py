@@ -16,7 +16,7 @@ from rlkd.grpo import init_ray, start_actors, stop_actors, train
 from rlkd.models import resolve_model
 from rlkd.rollout import SamplingSpec
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PROMPT = "<|im_start|>user\nWhat is 7 times 8?<|im_end|>\n<|im_start|>assistant\n"
 GIB = 1024**3

@@ -15,7 +15,7 @@ from conftest import GSM8K_DIR
 from e2e_procs import kill_session, log_tail, metrics, reap, start_cli, wait_for
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS, KILL_AFTER = 4, 2
 ARGS = [
