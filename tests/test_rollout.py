@@ -1,6 +1,12 @@
-"""Rollout-side pieces that need no engine: sharding prompts and gathering in order."""
+"""Rollout-side pieces that need no engine: sharding prompts and gathering in order, and the
+watchdog that turns a dead vLLM engine into a dead (so restarted) actor."""
+
+import subprocess
+import sys
+import textwrap
 
 import pytest
+from conftest import REPO_ROOT
 
 from rlkd.grpo import repeat_each
 from rlkd.rollout import Generation, shard
@@ -35,3 +41,32 @@ def test_concat_restores_prompt_major_order():
     assert gen.seconds == 5.0  # shards run in parallel: the slowest one is the wall time
     # Rewards and advantages are laid out per completion; prompts repeat group_size times.
     assert repeat_each(gen.prompt_ids, 2) == [[0], [0], [1], [1], [2], [2]]
+
+
+def _watchdog(dead: bool, stopping: bool) -> subprocess.CompletedProcess:
+    """A process with the watchdog on an engine client whose `resources.engine_dead` flag (what
+    vLLM's liveness monitor sets) is `dead`; it exits by itself within 5 s or times out."""
+    code = textwrap.dedent(f"""
+        import threading, time, types
+        from rlkd.rollout import _exit_when_engine_dies
+        stop = threading.Event()
+        if {stopping}:
+            stop.set()
+        client = types.SimpleNamespace(resources=types.SimpleNamespace(engine_dead=False))
+        _exit_when_engine_dies(client, stop)
+        client.resources.engine_dead = {dead}
+        time.sleep(5)
+    """)
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_dead_engine_ends_the_actor_process():
+    done = _watchdog(dead=True, stopping=False)
+    assert done.returncode == 1
+    assert "the vLLM engine process died" in done.stderr
+
+
+@pytest.mark.parametrize("dead, stopping", [(False, False), (True, True)])
+def test_live_or_deliberately_stopped_engine_leaves_the_process_alone(dead, stopping):
+    assert _watchdog(dead, stopping).returncode == 0
