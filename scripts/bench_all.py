@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -104,8 +105,11 @@ def report(results: Path, runs: dict[str, dict], quick: bool, wall_s: float | No
         doc = (REPO_ROOT / "scripts" / f"{name}.py")
         lines += ["", f"Method: see the docstring of `scripts/{doc.name}`; raw figures in `bench_results/{name}.json`."]
     actors = results / "bench_rollout_actors.log"
-    if actors.is_file() and "bench_rollout_actors" in runs:
-        table = [x for x in actors.read_text().splitlines() if x and not x.startswith(("[", "(", "INFO", "WARNING"))]
+    # --report-only has no runs: it reuses whatever the last full run left in the results folder.
+    if actors.is_file() and ("bench_rollout_actors" in runs or not runs):
+        # Its title, header and rows only: Ray interleaves the actors' own log lines.
+        table = [x for x in actors.read_text().splitlines()
+                 if re.match(r"\d+ prompts x |actors\s|\s+\d+\s+\d+\s", x)]
         lines += ["", "## bench_rollout_actors", "", "```", *table[-20:], "```"]
     lines += ["", "## Reproduce", "", "```bash",
               "python scripts/bench_all.py      # or one of: " + ", ".join(f"scripts/{n}.py" for n in BENCHES),
