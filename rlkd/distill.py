@@ -25,6 +25,7 @@ from pathlib import Path
 
 import ray
 import torch
+from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -46,7 +47,7 @@ from rlkd.grpo import (
 from rlkd.losses import group_advantages
 from rlkd.models import count_parameters, resolve_model
 from rlkd.prune import prune
-from rlkd.recovery import shutdown
+from rlkd.recovery import actor_died, shutdown
 from rlkd.rollout import SamplingSpec, generate_sharded
 from rlkd.teacher import TeacherActor, shared_vocab_size
 from rlkd.tracking import Timer, Tracker, plot_curves
@@ -205,6 +206,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                              {"loss": "train/loss", "kl": "eval/reverse_kl", "s/step": "time/step"}.items()
                              if v in metrics})
         save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+    except (RayActorError, OutOfMemoryError) as e:
+        raise actor_died(e, step, run_dir) from e
     except KeyboardInterrupt:
         bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
         if step:

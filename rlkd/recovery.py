@@ -26,7 +26,7 @@ from ray.exceptions import (
 )
 
 from rlkd.config import RunStopped
-from rlkd.resume import complete_checkpoints
+from rlkd.resume import checkpoint_step, complete_checkpoints
 
 logger = logging.getLogger("rlkd.recovery")
 T = TypeVar("T")
@@ -124,6 +124,17 @@ def learner_died(error: RayError, step: int, run_dir: Path) -> LearnerDiedError:
     last = (f"the last checkpoint, {found[-1]}, is intact: continue with trainer.resume=auto "
             f"run.dir={run_dir}") if found else "no checkpoint was saved yet"
     return LearnerDiedError(f"learner actor died during step {step} ({one_line(error)}); {last}")
+
+
+def actor_died(error: RayError, step: int, run_dir: Path) -> LearnerDiedError:
+    """For the SFT and distillation loops, which save weights but do not resume: the one line
+    names the last weights a new run can start from (model.name), not a resume."""
+    # Written as checkpoint-N.tmp and renamed: a digits-only name is a complete checkpoint.
+    found = sorted((p for p in run_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit()),
+                   key=checkpoint_step)
+    last = (f"the weights of step {checkpoint_step(found[-1])} are intact: start a new run from them with "
+            f"model.name={found[-1]}") if found else "no checkpoint was saved yet (trainer.save_every)"
+    return LearnerDiedError(f"an actor died during step {step} ({one_line(error)}); {last}")
 
 
 def shutdown(learners: list, rollouts: list) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import datasets
 import ray
+from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -31,7 +32,7 @@ from rlkd.eval import score
 from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.models import resolve_model
-from rlkd.recovery import shutdown
+from rlkd.recovery import actor_died, shutdown
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
 from rlkd.tracking import Tracker, plot_curves
 
@@ -163,6 +164,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                               "s/step": "time/step"}.items() if v in metrics})
         path = save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
         print(f"sft checkpoint: {path}\n  next: python -m rlkd.train recipe=grpo_gsm8k model.name={path}")
+    except (RayActorError, OutOfMemoryError) as e:
+        raise actor_died(e, step, run_dir) from e
     except KeyboardInterrupt:
         bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
         if step:

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from ray.exceptions import OutOfMemoryError
 from test_learner import _batch, _learner, tiny_model  # noqa: F401  (the fixture)
 from transformers import LlamaForCausalLM
 
@@ -18,7 +19,7 @@ from rlkd.compose import load_config
 from rlkd.config import InputError
 from rlkd.data import Example, PromptSampler
 from rlkd.learner import remove_stale_weight_dirs
-from rlkd.recovery import BadStepsError, count_bad_steps
+from rlkd.recovery import BadStepsError, actor_died, count_bad_steps, learner_died
 from rlkd.resume import (
     complete_checkpoints,
     driver_state,
@@ -169,3 +170,17 @@ def test_consecutive_skipped_steps_stop_the_run():
     with pytest.raises(BadStepsError, match=r"^3 consecutive steps \(up to step 7\) skipped for a "
                                             r"NaN/inf loss or gradient \(trainer.max_bad_steps=3\)"):
         count_bad_steps(2, 1.0, step=7, max_bad_steps=3)
+
+
+def test_actor_death_messages_name_what_is_left(tmp_path):
+    oom = OutOfMemoryError("1 worker(s) were killed due to the node running low on memory.\nTop 10 ...")
+    assert str(actor_died(oom, 3, tmp_path)) == (
+        "an actor died during step 3 (OutOfMemoryError: 1 worker(s) were killed due to the node "
+        "running low on memory.); no checkpoint was saved yet (trainer.save_every)")
+    assert str(learner_died(oom, 3, tmp_path)).endswith("; no checkpoint was saved yet")
+    _checkpoint(tmp_path, 2, state=False)  # SFT and distillation save weights only
+    _checkpoint(tmp_path, 10, state=False)
+    (tmp_path / "checkpoint-12.tmp").mkdir()
+    assert str(actor_died(oom, 11, tmp_path)).endswith(
+        f"; the weights of step 10 are intact: start a new run from them with model.name={tmp_path}/checkpoint-10")
+    assert str(learner_died(oom, 11, tmp_path)).endswith("; no checkpoint was saved yet")  # none resumable
