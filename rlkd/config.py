@@ -36,6 +36,7 @@ class Task(str, Enum):
     cot = "cot"
     sft = "sft"
     distill = "distill"
+    study = "study"
 
 
 class AdvScale(str, Enum):
@@ -86,6 +87,31 @@ class TeacherWeighting(str, Enum):
 class StudentInit(str, Enum):
     model = "model"
     prune = "prune"
+
+
+class StudyScale(str, Enum):
+    tiny = "tiny"
+    default = "default"
+    large = "large"
+
+
+class StudyVariant(str, Enum):
+    """The rows a distillation study can hold (`study.variants`); rlkd.study.VARIANTS says what
+    each one trains."""
+
+    no_kd = "no_kd"
+    answer_only = "answer_only"
+    cot_unfiltered = "cot_unfiltered"
+    cot_correct = "cot_correct"
+    cot_confident = "cot_confident"
+    cot_gt_primed = "cot_gt_primed"
+    gold = "gold"
+    grpo = "grpo"
+    minillm = "minillm"
+    teacher = "teacher"
+    int4 = "int4"
+
+
 class PlacementStrategy(str, Enum):
     pack = "pack"
     spread = "spread"
@@ -392,6 +418,51 @@ class DistillConfig:
 
 
 @dataclass
+class StudyConfig:
+    scale: StudyScale = StudyScale.default
+    """Sizes preset (rlkd.study.SCALES): `tiny` is a smoke run, `default` about an hour on 2 CPU
+    cores, `large` the whole GSM8K splits for GPUs; the nonzero counts below override it."""
+    variants: list[StudyVariant] = field(default_factory=lambda: list(StudyVariant))
+    """Rows of the study: no_kd, answer_only, cot_unfiltered, cot_correct, cot_confident,
+    cot_gt_primed, gold, grpo, minillm, teacher, int4 (README, Distillation study)."""
+    teacher: str = "smollm2-135m-instruct"
+    """Teacher checkpoint (local dir, hub id or embedded name): it writes the CoT, is MiniLLM's
+    teacher, the `teacher` row, and the model the default student is pruned from (task=study
+    reads this, not model.name)."""
+    student: str = ""
+    """Student checkpoint; empty prunes one out of the teacher with student.layers."""
+    rl_base: StudyVariant = StudyVariant.cot_gt_primed
+    """The SFT variant (or no_kd) that GRPO and MiniLLM start from."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """The study runs once per seed (the run.seed of its stages; the study's own run.seed is
+    unused); stages that no seed changes (pruning, gold data, greedy teacher/no_kd evals) run once."""
+    cot_questions: int = 0
+    """Training questions the teacher answers, and the gold rationales' count (0: the scale's)."""
+    eval_questions: int = 0
+    """First N test questions every model is graded on (0: the scale's)."""
+    sft_steps: int = 0
+    """Optimizer steps of every SFT variant, the same for all (0: the scale's)."""
+    rl_steps: int = 0
+    """GRPO and MiniLLM steps (0: the scale's)."""
+    confidence_quantile: float = 0.5
+    """cot_confident keeps samples whose mean token logprob is at least this quantile of all
+    teacher samples' (no correctness label used)."""
+    quant_group_size: int = 64
+    """Weights per 4-bit scale/zero group in the int4 row: 32, 64, 128 or 256; it must divide the
+    student's linear input sizes (576 and 1536 for SmolLM2)."""
+    cot_args: list[str] = field(default_factory=list)
+    """Extra key=value overrides for every teacher-CoT and filter stage."""
+    sft_args: list[str] = field(default_factory=lambda: ["learner.lr=3e-5", "learner.warmup_steps=1"])
+    """Extra key=value overrides for every SFT stage (default: a learning rate for short runs)."""
+    grpo_args: list[str] = field(default_factory=lambda: ["learner.lr=5e-6"])
+    """Extra key=value overrides for the GRPO stage."""
+    minillm_args: list[str] = field(default_factory=list)
+    """Extra key=value overrides for the MiniLLM stage."""
+    eval_args: list[str] = field(default_factory=list)
+    """Extra key=value overrides for every evaluation stage."""
+
+
+@dataclass
 class RayConfig:
     address: str = ""
     """Address of an existing Ray cluster (`auto` or host:port); empty starts a local one."""
@@ -405,7 +476,8 @@ class RayConfig:
 @dataclass
 class Config:
     task: Task = Task.grpo
-    """What the run does: `grpo` trains, `eval` evaluates `model.name`, `distill` distils teachers."""
+    """What the run does: `grpo` trains, `eval` evaluates `model.name`, `distill` distils teachers,
+    `study` runs the whole distillation study."""
     run: RunConfig = field(default_factory=RunConfig)
     """Run directory and seed."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -436,6 +508,8 @@ class Config:
     """How task=distill builds its student."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Distillation objective and teachers (task=distill)."""
+    study: StudyConfig = field(default_factory=StudyConfig)
+    """The one-command distillation study (task=study): variants, sizes, seeds."""
 
 
 ConfigStore.instance().store(name="rlkd", node=Config)

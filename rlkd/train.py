@@ -40,7 +40,14 @@ def _distill(cfg: Config, run_dir) -> None:
     train(cfg, run_dir)
 
 
-TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft, Task.distill: _distill}
+def _study(cfg: Config, run_dir) -> None:
+    from rlkd.study import run
+
+    run(cfg, run_dir)
+
+
+TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft, Task.distill: _distill,
+         Task.study: _study}
 
 
 def main(argv: list[str]) -> None:
