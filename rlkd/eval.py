@@ -105,6 +105,14 @@ class PeakMemory:
         self._sample()
 
 
+def write_results(run_dir: Path, model_path, predictions: list[dict], metrics: dict) -> None:
+    """predictions.jsonl and metrics.json: what eval.compare and the study report read."""
+    with (run_dir / "predictions.jsonl").open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2))
+
+
 def print_table(rows: list[tuple[str, str]], title: str) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}")
@@ -135,10 +143,7 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
         parameters=count_parameters(model_path), peak_memory_gb=mem.peak / 2**30,
         engine_startup_s=worker.startup_seconds, wall_s=time.perf_counter() - start,
     )
-    with (run_dir / "predictions.jsonl").open("w") as f:
-        for p in predictions:
-            f.write(json.dumps(p) + "\n")
-    (run_dir / "metrics.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2))
+    write_results(run_dir, model_path, predictions, metrics)
     print_table([
         ("model", cfg.model.name),
         ("split", f"{cfg.data.split} ({metrics['num_samples']} questions)"),

@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Logits
 from rlkd.compose import from_cli  # noqa: E402
 from rlkd.config import Config, InputError  # noqa: E402
 from rlkd.data import load_split  # noqa: E402
-from rlkd.eval import PeakMemory, print_table, score  # noqa: E402
+from rlkd.eval import PeakMemory, print_table, score, write_results  # noqa: E402
 from rlkd.models import count_parameters, resolve_model  # noqa: E402
 from rlkd.preflight import check_context, check_prompt_lengths  # noqa: E402
 from rlkd.rollout import Generation, SamplingSpec  # noqa: E402
@@ -203,10 +203,7 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
         wall_s=time.perf_counter() - start,
         engine="transformers, int4 weights + bf16" if quantized else "transformers, float32",
     )
-    with (run_dir / "predictions.jsonl").open("w") as f:
-        for p in predictions:
-            f.write(json.dumps(p) + "\n")
-    (run_dir / "metrics.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2))
+    write_results(run_dir, model_path, predictions, metrics)
     print_table([
         ("model", f"{cfg.model.name} ({metrics['engine']})"),
         ("accuracy", f"{metrics['accuracy']:.3f}  95% CI [{metrics['accuracy_ci_low']:.3f}, "
