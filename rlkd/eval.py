@@ -113,6 +113,22 @@ def write_results(run_dir: Path, model_path, predictions: list[dict], metrics: d
     (run_dir / "metrics.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2))
 
 
+def print_summary(model: str, split: str, metrics: dict, run_dir: Path, title: str) -> None:
+    """The evaluation's headline numbers, as every engine prints them."""
+    print_table([
+        ("model", model),
+        ("split", f"{split} ({metrics['num_samples']} questions)"),
+        ("accuracy", f"{metrics['accuracy']:.3f}  95% CI [{metrics['accuracy_ci_low']:.3f}, "
+                     f"{metrics['accuracy_ci_high']:.3f}]"),
+        ("mean completion tokens", f"{metrics['mean_completion_tokens']:.1f}"),
+        ("tokens/s", f"{metrics['tokens_per_s']:.0f}"),
+        ("latency per sample", f"{metrics['latency_per_sample_s']:.3f} s (batched)"),
+        ("peak memory", f"{metrics['peak_memory_gb']:.2f} GiB"),
+        ("parameters", f"{metrics['parameters'] / 1e6:.1f} M"),
+        ("run dir", str(run_dir)),
+    ], title)
+
+
 def print_table(rows: list[tuple[str, str]], title: str) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}")
@@ -144,18 +160,7 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
         engine_startup_s=worker.startup_seconds, wall_s=time.perf_counter() - start,
     )
     write_results(run_dir, model_path, predictions, metrics)
-    print_table([
-        ("model", cfg.model.name),
-        ("split", f"{cfg.data.split} ({metrics['num_samples']} questions)"),
-        ("accuracy", f"{metrics['accuracy']:.3f}  95% CI [{metrics['accuracy_ci_low']:.3f}, "
-                     f"{metrics['accuracy_ci_high']:.3f}]"),
-        ("mean completion tokens", f"{metrics['mean_completion_tokens']:.1f}"),
-        ("tokens/s", f"{metrics['tokens_per_s']:.0f}"),
-        ("latency per sample", f"{metrics['latency_per_sample_s']:.3f} s (batched)"),
-        ("peak memory", f"{metrics['peak_memory_gb']:.2f} GiB"),
-        ("parameters", f"{metrics['parameters'] / 1e6:.1f} M"),
-        ("run dir", str(run_dir)),
-    ], "GSM8K evaluation")
+    print_summary(cfg.model.name, cfg.data.split, metrics, run_dir, "GSM8K evaluation")
     return metrics
 
 

@@ -43,7 +43,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Logits
 from rlkd.compose import from_cli  # noqa: E402
 from rlkd.config import Config, InputError  # noqa: E402
 from rlkd.data import load_split  # noqa: E402
-from rlkd.eval import PeakMemory, print_table, score, write_results  # noqa: E402
+from rlkd.eval import PeakMemory, print_summary, score, write_results  # noqa: E402
 from rlkd.models import count_parameters, resolve_model  # noqa: E402
 from rlkd.preflight import check_context, check_prompt_lengths  # noqa: E402
 from rlkd.rollout import Generation, SamplingSpec  # noqa: E402
@@ -204,15 +204,8 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
         engine="transformers, int4 weights + bf16" if quantized else "transformers, float32",
     )
     write_results(run_dir, model_path, predictions, metrics)
-    print_table([
-        ("model", f"{cfg.model.name} ({metrics['engine']})"),
-        ("accuracy", f"{metrics['accuracy']:.3f}  95% CI [{metrics['accuracy_ci_low']:.3f}, "
-                     f"{metrics['accuracy_ci_high']:.3f}] on {metrics['num_samples']} questions"),
-        ("tokens/s", f"{metrics['tokens_per_s']:.0f}"),
-        ("latency per sample", f"{metrics['latency_per_sample_s']:.3f} s (batched)"),
-        ("peak memory", f"{metrics['peak_memory_gb']:.2f} GiB"),
-        ("run dir", str(run_dir)),
-    ], "GSM8K evaluation (transformers)")
+    print_summary(f"{cfg.model.name} ({metrics['engine']})", cfg.data.split, metrics, run_dir,
+                  "GSM8K evaluation (transformers)")
     return metrics
 
 
