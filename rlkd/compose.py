@@ -280,8 +280,9 @@ def validate_distill(cfg: Config) -> None:
         raise ConfigError("task=distill trains on-policy: grpo.ppo_epochs and grpo.mini_batches must be 1")
     if cfg.student.init == StudentInit.prune:
         layers = cfg.student.layers.strip()
-        if not (layers == "every_other" or re.fullmatch(r"first:\d+|\d+(,\d+)*", layers)):
-            raise ConfigError(f"student.layers={layers!r}: expected every_other, first:K or indices like 0,2,5")
+        if not (layers == "every_other" or re.fullmatch(r"first:\d+|(drop:)?\d+(,\d+)*", layers)):
+            raise ConfigError(f"student.layers={layers!r}: expected every_other, first:K, indices like 0,2,5 "
+                              "or drop:1,3")
 
 
 def validate_resources(cfg: Config) -> None:
@@ -332,3 +333,39 @@ def from_cli(argv: list[str], default_recipe: str | None, forced: tuple[str, ...
         return load_config(recipe, [*forced, *overrides]), recipe
     except ConfigError as e:
         raise SystemExit(f"rlkd: error: {e}") from None
+
+
+def hydra_value(value) -> str:
+    """`value` in Hydra's override grammar; strings are quoted, so paths with spaces survive."""
+    if isinstance(value, Enum):
+        value = value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value)
+    # Hydra reads backslashes literally except before a quote or at the end of the string.
+    text = "".join("\\\\" if c == "\\" and (i + 1 == len(text) or text[i + 1] == "'") else c
+                   for i, c in enumerate(text))
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def _leaves(node, prefix: str) -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out = {}
+    for key, value in node.items():
+        out.update(_leaves(value, f"{prefix}.{key}"))
+    return out
+
+
+def changes(cfg: Config) -> dict[str, str]:
+    """`key=value` overrides for every key whose value differs from the defaults (but model.name,
+    which each stage sets itself)."""
+    ours = _leaves(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
+    base = _leaves(OmegaConf.to_container(OmegaConf.structured(Config()), enum_to_str=True), "")
+    return {k[1:]: f"{k[1:]}={hydra_value(v)}" for k, v in ours.items() if v != base[k] and k != ".model.name"}

@@ -374,7 +374,8 @@ class StudentConfig:
     init: StudentInit = StudentInit.model
     """Distillation student: `model` is model.name; `prune` cuts it out of the first teacher."""
     layers: str = "every_other"
-    """Teacher layers a pruned student keeps: `every_other`, `first:K` or indices `0,2,5`."""
+    """Teacher layers a pruned student keeps: `every_other`, `first:K`, indices `0,2,5`, or all
+    but some, `drop:12,14`."""
 
 
 @dataclass
@@ -431,8 +432,10 @@ class StudyConfig:
     reads this, not model.name)."""
     student: str = ""
     """Student checkpoint; empty prunes one out of the teacher with student.layers."""
-    rl_base: StudyVariant = StudyVariant.cot_gt_primed
-    """The SFT variant (or no_kd) that GRPO and MiniLLM start from."""
+    rl_base: StudyVariant = StudyVariant.gold
+    """The SFT variant (or no_kd) that GRPO and MiniLLM start from. Default gold: the one SFT set
+    whose size does not hang on the teacher's accuracy (a 135M teacher's filters keep a few
+    samples), so RL starts from a student that writes the `#### N` line its rewards look for."""
     seeds: list[int] = field(default_factory=lambda: [0])
     """The study runs once per seed (the run.seed of its stages; the study's own run.seed is
     unused); stages that no seed changes (pruning, gold data, greedy teacher/no_kd evals) run once."""

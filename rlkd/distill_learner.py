@@ -76,7 +76,7 @@ class DistillLearner(Learner):
 
     def _logits(self, model, ids_BL: torch.Tensor, attn_BL: torch.Tensor) -> torch.Tensor:
         """Next-token logits aligned with collate's targets, cut to the shared vocabulary."""
-        return model(input_ids=ids_BL, attention_mask=attn_BL).logits[:, :-1, :self.vocab_size]
+        return model(input_ids=ids_BL, attention_mask=attn_BL, use_cache=False).logits[:, :-1, :self.vocab_size]
 
     def _teacher_weights(self, teacher_lp_KBT: torch.Tensor, mask_BT: torch.Tensor):
         d = self.cfg.distill

@@ -147,7 +147,6 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         if cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        model.config.use_cache = False
         self.reference = None
         if cfg.grpo.beta > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
@@ -180,7 +179,9 @@ class Learner:
     def _logprobs(self, model, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Token logprobs under the sampling temperature, aligned with mask_BT: [B, L-1]."""
         ids_BL = t["input_ids_BL"].to(self.device)
-        logits_BLV = model(input_ids=ids_BL, attention_mask=t["attn_BL"].to(self.device)).logits
+        # use_cache=False per call, not in model.config: the config is saved with each checkpoint,
+        # and a checkpoint whose config turns the cache off generates in quadratic time elsewhere.
+        logits_BLV = model(input_ids=ids_BL, attention_mask=t["attn_BL"].to(self.device), use_cache=False).logits
         logits_BTV = logits_BLV[:, :-1]
         if self.cfg.rollout.temperature not in (0.0, 1.0):
             logits_BTV = logits_BTV / self.cfg.rollout.temperature
@@ -260,7 +261,7 @@ class Learner:
             out = self.engine.module(input_ids=ids_BL, position_ids=t["position_ids_BL"].to(self.device),
                                      use_cache=False)
         else:
-            out = self.engine.module(input_ids=ids_BL, attention_mask=t["attn_BL"].to(self.device))
+            out = self.engine.module(input_ids=ids_BL, attention_mask=t["attn_BL"].to(self.device), use_cache=False)
         return selective_log_softmax(out.logits[:, :-1], ids_BL[:, 1:])
 
     def _sft_micro_batches(self, batch: TrainBatch, pack_len: int) -> list[dict[str, torch.Tensor]]:

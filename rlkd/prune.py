@@ -1,6 +1,6 @@
 """A smaller student cut out of its teacher: same embeddings, head and tokenizer, fewer layers.
 
-    python -m rlkd.prune smollm2-135m-instruct DST every_other     # or first:K, or 0,2,4,...
+    python -m rlkd.prune smollm2-135m-instruct DST every_other     # or first:K, 0,2,4,... or drop:12,14
 
 Layer dropping keeps the residual stream's basis, so the student starts close to the teacher
 in function, not at random (Sanh et al. 2019, DistilBERT, initialise every other layer). The
@@ -25,10 +25,14 @@ class LayerSpecError(InputError):
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """Indices of the layers to keep: `every_other` (0, 2, 4, ...), `first:K`, or `i,j,k`."""
+    """Indices of the layers to keep: `every_other` (0, 2, 4, ...), `first:K`, `i,j,k`, or
+    `drop:i,j,k` (all but those)."""
     spec = spec.strip()
     if spec == "every_other":
         keep = list(range(0, num_layers, 2))
+    elif spec.startswith("drop:"):
+        dropped = parse_layers(spec.split(":", 1)[1] or "none", num_layers)
+        keep = [i for i in range(num_layers) if i not in dropped]
     elif spec.startswith("first:"):
         try:
             k = int(spec.split(":", 1)[1])
@@ -40,7 +44,7 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
             keep = [int(x) for x in spec.split(",") if x.strip()]
         except ValueError:
             raise LayerSpecError(
-                f"student.layers={spec!r}: expected every_other, first:K or indices like 0,2,5"
+                f"student.layers={spec!r}: expected every_other, first:K, indices like 0,2,5 or drop:1,3"
             ) from None
     if not keep or len(set(keep)) != len(keep) or keep != sorted(keep):
         raise LayerSpecError(f"student.layers={spec!r}: needs distinct layer indices in increasing order")
@@ -82,7 +86,7 @@ def prune(src: str | Path, dst: str | Path, layers: str) -> dict[str, int]:
 
 def main(argv: list[str]) -> None:
     if len(argv) != 3:
-        raise SystemExit("usage: python -m rlkd.prune SRC DST every_other|first:K|i,j,k")
+        raise SystemExit("usage: python -m rlkd.prune SRC DST every_other|first:K|i,j,k|drop:i,j,k")
     try:
         counts = prune(resolve_model(argv[0]), argv[1], argv[2])
     except ValueError as e:

@@ -165,7 +165,9 @@ class TransformersGenerator:
                                  add_special_tokens=False)
             record = _GreedyLogprobs()
             with torch.inference_mode():
-                seq_BL = self.model.generate(**enc, max_new_tokens=spec.max_tokens, do_sample=False,
+                # use_cache explicitly: a checkpoint's config may turn the KV cache off (older
+                # rlkd training runs saved use_cache=false), making each new token cost a full pass.
+                seq_BL = self.model.generate(**enc, max_new_tokens=spec.max_tokens, do_sample=False, use_cache=True,
                                              logits_processor=[record], pad_token_id=self.pad,
                                              eos_token_id=sorted(self.eos))
             new_BT = seq_BL[:, enc["input_ids"].shape[1]:]

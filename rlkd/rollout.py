@@ -13,6 +13,7 @@ Two weight transports share one entry point, `update_weights`:
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -129,10 +130,14 @@ def _exit_when_engine_dies(engine_core, stopping: threading.Event) -> None:
     resources = getattr(engine_core, "resources", None)
     if resources is None:  # in-process engine: nothing separate to die
         return
+    # At interpreter exit vLLM's own exit hook shuts the engine down, which its monitor reports
+    # as a death; exit hooks run last-registered first, so this one disarms the watchdog before
+    # that, or a finished run (an evaluation that already wrote its results) would exit 1.
+    atexit.register(stopping.set)
 
     def watch():
         while not stopping.wait(1.0):
-            if resources.engine_dead:
+            if resources.engine_dead and not stopping.is_set():
                 print("rlkd: the vLLM engine process died; exiting so that Ray restarts this actor",
                       file=sys.stderr, flush=True)
                 os._exit(1)

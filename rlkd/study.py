@@ -33,12 +33,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from enum import Enum
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from rlkd.compose import load_config
+from rlkd.compose import changes, hydra_value, load_config
 from rlkd.config import Config, ConfigError, RunStopped, StudyConfig, StudyScale
 from rlkd.config import StudyVariant as V
 from rlkd.study_report import Row, write_report
@@ -91,9 +88,9 @@ SCALES = {
     StudyScale.tiny: Sizes(cot_questions=12, temperatures=(0.7,), cot_max_tokens=128, sft_steps=2,
                            sft_batch=4, rl_steps=1, rl_prompts=2, rl_group=2, rl_max_tokens=48,
                            eval_questions=12, eval_max_tokens=96),
-    StudyScale.default: Sizes(cot_questions=48, temperatures=(0.3, 0.7), cot_max_tokens=256, sft_steps=8,
+    StudyScale.default: Sizes(cot_questions=96, temperatures=(0.3, 0.7), cot_max_tokens=256, sft_steps=16,
                               sft_batch=4, rl_steps=4, rl_prompts=2, rl_group=4, rl_max_tokens=128,
-                              eval_questions=48, eval_max_tokens=256),
+                              eval_questions=96, eval_max_tokens=256),
     StudyScale.large: Sizes(cot_questions=0, temperatures=(0.3, 0.5, 0.7), cot_max_tokens=384, sft_steps=1000,
                             sft_batch=32, rl_steps=200, rl_prompts=16, rl_group=8, rl_max_tokens=384,
                             eval_questions=0, eval_max_tokens=384),
@@ -137,42 +134,6 @@ def validate(cfg: Config) -> None:
     for key in ("cot_questions", "eval_questions", "sft_steps", "rl_steps"):
         if getattr(s, key) < 0:
             raise ConfigError(f"study.{key}={getattr(s, key)} must be >= 0 (0: the scale's)")
-
-
-def hydra_value(value) -> str:
-    """`value` in Hydra's override grammar; strings are quoted, so paths with spaces survive."""
-    if isinstance(value, Enum):
-        value = value.value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    text = str(value)
-    # Hydra reads backslashes literally except before a quote or at the end of the string.
-    text = "".join("\\\\" if c == "\\" and (i + 1 == len(text) or text[i + 1] == "'") else c
-                   for i, c in enumerate(text))
-    return "'" + text.replace("'", "\\'") + "'"
-
-
-def _leaves(node, prefix: str) -> dict:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out = {}
-    for key, value in node.items():
-        out.update(_leaves(value, f"{prefix}.{key}"))
-    return out
-
-
-def changes(cfg: Config) -> dict[str, str]:
-    """`key=value` overrides for every key whose value differs from the defaults (but model.name,
-    which each stage sets itself)."""
-    ours = _leaves(OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True), "")
-    base = _leaves(OmegaConf.to_container(OmegaConf.structured(Config()), enum_to_str=True), "")
-    return {k[1:]: f"{k[1:]}={hydra_value(v)}" for k, v in ours.items() if v != base[k] and k != ".model.name"}
 
 
 def inherited(changed: dict[str, str], kind: str) -> list[str]:
@@ -323,6 +284,14 @@ class Study:
             return latest_checkpoint(self.root / d / variant.value)
         return latest_checkpoint(self.root / d / f"sft-{variant.value}")
 
+    @staticmethod
+    def made(where: Callable[[], Path | str]) -> Path | None:
+        """A model's path if its stage made it, else None (its row is then reported as not run)."""
+        try:
+            return Path(where())
+        except NoInput:
+            return None
+
     def final(self) -> V:
         """The student int4 quantizes: the last one the pipeline trains."""
         for v in (V.minillm, V.grpo, self.s.rl_base):
@@ -390,22 +359,25 @@ class Study:
             if v not in self.on:
                 continue
             if v in (V.teacher, V.no_kd):
-                rows.append(Row(v.value, f"{v.value}: {VARIANTS[v]}", self.root / f"eval-{v.value}", vllm))
+                rows.append(Row(v.value, f"{v.value}: {VARIANTS[v]}", self.root / f"eval-{v.value}", vllm,
+                                model=self.made(self.student) if v == V.no_kd and not self.s.student else None))
             elif v in SFT_VARIANTS:
                 rows.append(Row(v.value, f"{v.value}: {VARIANTS[v]}", self.root / d / f"eval-{v.value}", vllm,
                                 self.root / DATA[v].format(seed=d), curves=self.root / d / f"sft-{v.value}" /
-                                "metrics.jsonl", curve_kind="sft"))
+                                "metrics.jsonl", curve_kind="sft", model=self.made(lambda v=v: self.model(v, d))))
             elif v in (V.grpo, V.minillm):
                 data = self.root / DATA[self.s.rl_base].format(seed=d) if self.s.rl_base != V.no_kd else None
                 rows.append(Row(v.value, f"{v.value}: {VARIANTS[v].replace('study.rl_base', base)}",
                                 self.root / d / f"eval-{v.value}", vllm, data,
                                 f"{base} + {v.value} on GSM8K train", self.root / d / v.value / "metrics.jsonl",
-                                v.value))
+                                v.value, self.made(lambda v=v: self.model(v, d))))
             else:
                 rows += [Row("int4_ref", f"{final}, fp32 reference for int4", self.root / d / "eval-int4_ref",
-                             "transformers, float32", data_note=f"as {final}"),
+                             "transformers, float32", data_note=f"as {final}",
+                             model=self.made(lambda: self.final_model(d))),
                          Row("int4", f"{final}, int4 weights (torchao, group {self.s.quant_group_size})",
-                             self.root / d / "eval-int4", "transformers, int4 + bf16", data_note=f"as {final}")]
+                             self.root / d / "eval-int4", "transformers, int4 + bf16", data_note=f"as {final}",
+                             model=self.made(lambda: self.int4_model(d)))]
         return rows
 
     def preflight(self) -> None:
@@ -435,8 +407,10 @@ class Study:
     def run_stage(self, stage: Stage, tag: str) -> None:
         d = self.root / stage.name
         if (d / MARKER).is_file():
+            done = json.loads((d / MARKER).read_text())
+            self.check_unchanged(stage, done)
             print(f"{tag}: done earlier, skipped", flush=True)
-            self.log(stage, "skipped", json.loads((d / MARKER).read_text()))
+            self.log(stage, "skipped", done)
             return
         try:
             args = stage.args()
@@ -447,7 +421,8 @@ class Study:
         shutil.rmtree(d, ignore_errors=True)  # what a killed attempt left
         d.mkdir(parents=True)
         argv = [sys.executable, "-m", stage.module, *args]
-        record = {"command": shlex.join(["python", "-m", stage.module, *args]), "seed": stage.seed}
+        record = {"command": shlex.join(["python", "-m", stage.module, *args]), "seed": stage.seed,
+                  "root": str(self.root)}
         print(f"{tag}: running ({d / 'stage.log'})", flush=True)
         started = time.perf_counter()
         rc = self.execute(argv, d / "stage.log")
@@ -461,6 +436,26 @@ class Study:
         _write_json(d / MARKER, {**record, "finished": datetime.now().isoformat(timespec="seconds")})
         print(f"{tag}: done in {_clock(record['seconds'])}", flush=True)
         self.log(stage, "done", record)
+
+    def check_unchanged(self, stage: Stage, done: dict) -> None:
+        """Reuse a finished stage only if this study would run it the same way: a changed key
+        (study.eval_questions, a size, a filter) must not mix old numbers into the new report.
+        Paths are compared relative to the study dir, so a moved study still resumes."""
+        try:
+            now = [stage.module, *stage.args()]
+        except NoInput:
+            return  # its input is gone (e.g. deleted by hand) but its own output is complete
+        then = shlex.split(done["command"])[2:]
+        old_root = done.get("root", str(self.root))
+        then = [a.replace(old_root, "<study>") for a in then]
+        now = [a.replace(str(self.root), "<study>") for a in now]
+        if then == now:
+            return
+        i = next((i for i, (a, b) in enumerate(zip(then, now, strict=False)) if a != b), min(len(then), len(now)))
+        was, will = (then[i] if i < len(then) else "nothing"), (now[i] if i < len(now) else "nothing")
+        raise RunStopped(f"stage {stage.name} in {self.root} ran with {was}, this study would run it with "
+                         f"{will}: rerun with the earlier settings, pick a new run.dir, or delete "
+                         f"{self.root / stage.name} and the stages built on it to redo them")
 
     def log(self, stage: Stage, status: str, record: dict) -> None:
         entry = {"stage": stage.name, "status": status, "seed": stage.seed, **record,

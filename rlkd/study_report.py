@@ -231,6 +231,9 @@ class Row:
     """metrics.jsonl of its training run."""
     curve_kind: str = ""
     """Which training-curve panel it belongs to: sft, grpo or minillm."""
+    model: Path | None = None
+    """Its checkpoint, when the study made it: metrics.json names the path it had when graded,
+    which a moved study dir no longer has."""
 
 
 @dataclass
@@ -325,7 +328,7 @@ def table_rows(results: list[Result]) -> list[dict[str, str]]:
             "p vs no-KD": _p(mcnemar_p(r, no_kd) if no_kd else math.nan, r is no_kd),
             "p vs best baseline": _p(mcnemar_p(r, best) if best else math.nan, r is best),
             "params (M)": f"{m['parameters'] / 1e6:.1f}",
-            "disk (MB)": f"{weights_size_bytes(m['model']) / 2**20:.1f}",
+            "disk (MB)": f"{weights_size_bytes(r.row.model or m['model']) / 2**20:.1f}",
             "latency/sample (s)": f"{m['latency_per_sample_s']:.3f}",
             "tokens/s": f"{m['tokens_per_s']:.0f}",
             "peak memory (GiB)": f"{m['peak_memory_gb']:.2f}",

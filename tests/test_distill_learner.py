@@ -185,7 +185,8 @@ def test_parse_layers():
     assert parse_layers("every_other", 5) == [0, 2, 4]
     assert parse_layers("first:2", 5) == [0, 1]
     assert parse_layers("0,3,4", 5) == [0, 3, 4]
-    for bad in ("first:x", "3,1", "0,0", "0,5", "", "half"):
+    assert parse_layers("drop:1,2", 5) == [0, 3, 4]
+    for bad in ("first:x", "3,1", "0,0", "0,5", "", "half", "drop:5", "drop:0,1,2,3,4", "drop:"):
         with pytest.raises(ValueError, match="student.layers"):
             parse_layers(bad, 5)
 

@@ -3,7 +3,7 @@ model, at the tiny scale. Rows cover every kind of stage (pruning, the gold-rati
 SFT, GRPO and MiniLLM on top of it, vLLM and transformers evaluations, 4-bit quantization); the
 teacher-CoT stages are the ones tests/test_e2e_cot_sft.py runs. The report must have every
 cell filled, the figures must exist, and a second invocation must skip every stage.
-Estimated ~10 minutes on 2 cores (13 stages, most of it process start-up)."""
+About 8 minutes on 2 cores (13 stages, most of it process start-up)."""
 
 import json
 import re

@@ -79,4 +79,6 @@ def test_step_changes_weights_and_export_round_trips(tiny_model, tmp_path):
     reloaded = LlamaForCausalLM.from_pretrained(saved)
     for k, v in reloaded.named_parameters():
         assert torch.equal(v, after[k].detach()), k
+    # Training runs without a KV cache; the checkpoint must still generate with one.
+    assert reloaded.config.use_cache is True
     learner.close()

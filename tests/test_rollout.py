@@ -43,19 +43,26 @@ def test_concat_restores_prompt_major_order():
     assert repeat_each(gen.prompt_ids, 2) == [[0], [0], [1], [1], [2], [2]]
 
 
-def _watchdog(dead: bool, stopping: bool) -> subprocess.CompletedProcess:
+def _watchdog(dead: bool, stopping: bool, dies_at_exit: bool = False) -> subprocess.CompletedProcess:
     """A process with the watchdog on an engine client whose `resources.engine_dead` flag (what
-    vLLM's liveness monitor sets) is `dead`; it exits by itself within 5 s or times out."""
+    vLLM's liveness monitor sets) is `dead`; it exits by itself within 5 s or times out.
+    `dies_at_exit`: an exit hook registered before the engine starts (as vLLM's is) marks the
+    engine dead and takes 3 s to finish, as vLLM's shutdown of its engine process does."""
     code = textwrap.dedent(f"""
-        import threading, time, types
+        import atexit, threading, time, types
         from rlkd.rollout import _exit_when_engine_dies
         stop = threading.Event()
         if {stopping}:
             stop.set()
         client = types.SimpleNamespace(resources=types.SimpleNamespace(engine_dead=False))
+        def engine_shutdown():
+            client.resources.engine_dead = True
+            time.sleep(3)
+        if {dies_at_exit}:
+            atexit.register(engine_shutdown)
         _exit_when_engine_dies(client, stop)
         client.resources.engine_dead = {dead}
-        time.sleep(5)
+        time.sleep(0 if {dies_at_exit} else 5)
     """)
     return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -70,3 +77,7 @@ def test_dead_engine_ends_the_actor_process():
 @pytest.mark.parametrize("dead, stopping", [(False, False), (True, True)])
 def test_live_or_deliberately_stopped_engine_leaves_the_process_alone(dead, stopping):
     assert _watchdog(dead, stopping).returncode == 0
+
+
+def test_the_engine_shut_down_at_interpreter_exit_is_not_a_death():
+    assert _watchdog(dead=False, stopping=False, dies_at_exit=True).returncode == 0

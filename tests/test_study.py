@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rlkd.compose import load_config, parse_argv
+from rlkd.compose import changes, hydra_value, load_config, parse_argv
 from rlkd.config import ConfigError, RunStopped, StudyScale
 from rlkd.config import StudyVariant as V
 from rlkd.filters import apply_filters, report_markdown
@@ -18,9 +18,7 @@ from rlkd.stats import wilson_interval
 from rlkd.study import (
     SCALES,
     Study,
-    changes,
     confidence_threshold,
-    hydra_value,
     inherited,
     sizes,
     validate,
@@ -240,8 +238,8 @@ def test_every_stage_gets_a_valid_command_with_its_sizes(finished):
         assert sft.trainer.max_steps == z.sft_steps and sft.model.name == str(root / "student" / "model")
         assert sft.sft.batch_size <= z.sft_batch and sft.learner.lr == 3e-5
     assert cfgs["seed-3/sft-answer_only"].sft.target.value == "answer_only"
-    base = cfgs["seed-3/sft-cot_gt_primed"]
-    assert cfgs["seed-3/grpo"].model.name == str(root / "seed-3" / "sft-cot_gt_primed" / f"checkpoint-{base.trainer.max_steps}")
+    base = cfgs["seed-3/sft-gold"]
+    assert cfgs["seed-3/grpo"].model.name == str(root / "seed-3" / "sft-gold" / f"checkpoint-{base.trainer.max_steps}")
     minillm = cfgs["seed-3/minillm"]
     assert minillm.task.value == "distill" and minillm.student.init.value == "model"
     assert minillm.distill.teachers == ["smollm2-135m-instruct"]
@@ -277,6 +275,24 @@ def test_a_second_run_skips_every_stage(finished, capsys):
     assert lines and all(x.endswith("done earlier, skipped") for x in lines)
     log = [json.loads(x) for x in (root / "study.jsonl").read_text().splitlines()]
     assert [e["status"] for e in log[-len(lines):]] == ["skipped"] * len(lines)
+
+
+def test_a_changed_setting_stops_the_rerun_naming_the_stage_and_the_value(finished):
+    root, fake = finished
+    calls = len(fake.calls)
+    with pytest.raises(RunStopped, match=r"stage eval-teacher in .* ran with eval.num_samples=12, this study "
+                                         r"would run it with eval.num_samples=5: .*delete .*eval-teacher"):
+        Study(study_cfg("rollout.kv_cache_gb=1", "study.seeds=[3]", "study.eval_questions=5"), root, fake).run()
+    assert len(fake.calls) == calls
+    assert (root / "eval-teacher" / "stage.json").is_file()
+
+
+def test_a_moved_study_resumes_without_rerunning(finished):
+    root, fake = finished
+    moved = root.rename(root.with_name("moved"))
+    calls = len(fake.calls)
+    Study(study_cfg("rollout.kv_cache_gb=1", "study.seeds=[3]"), moved, fake).run()
+    assert len(fake.calls) == calls
 
 
 def test_a_killed_stage_is_rerun_from_scratch_and_nothing_else(finished):
