@@ -208,6 +208,7 @@ def validate(cfg: Config) -> None:
         "grpo.ppo_epochs": g.ppo_epochs,
         "grpo.mini_batches": g.mini_batches,
         "learner.micro_batch_size": cfg.learner.micro_batch_size,
+        "learner.max_tokens_per_micro_batch": cfg.learner.max_tokens_per_micro_batch,
         "rollout.num_actors": cfg.rollout.num_actors,
         "rollout.tensor_parallel_size": cfg.rollout.tensor_parallel_size,
         "learner.num_workers": cfg.learner.num_workers,

@@ -45,6 +45,13 @@ class AdvScale(str, Enum):
     none = "none"
 
 
+class LearnerDtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    autocast_bf16 = "autocast_bf16"
+
+
 class LossAgg(str, Enum):
     token_mean = "token_mean"
     seq_mean_token_mean = "seq_mean_token_mean"
@@ -218,11 +225,17 @@ class LearnerConfig:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     micro_batch_size: int = 8
-    """Sequences per forward/backward; gradients accumulate over a mini-batch."""
+    """Sequences per forward/backward (SFT and distillation); gradients accumulate over a
+    mini-batch."""
+    max_tokens_per_micro_batch: int = 2048
+    """GRPO: input tokens per forward/backward. Sequences are packed unpadded into micro-batches
+    of at most this many tokens (a longer single sequence gets one of its own)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    dtype: str = "float32"
-    """Learner compute dtype: float32 on CPU, bfloat16 on GPU."""
+    dtype: LearnerDtype = LearnerDtype.auto
+    """`auto`: bf16 autocast (fp32 master weights and optimizer state) on GPUs and on CPUs with
+    AVX-512-bf16 or AMX, fp32 elsewhere (the run log says which and why); `autocast_bf16`,
+    `float32`, or `bfloat16` (bf16 weights, DeepSpeed's bf16 mode)."""
     gpus: float = 0.0
     """GPUs per learner worker; 0 trains on CPU with the gloo backend."""
     num_workers: int = 1
@@ -251,6 +264,9 @@ class GRPOConfig:
     """Cap of the truncated importance weight correcting vLLM-vs-learner logprobs; 0 disables."""
     ppo_epochs: int = 1
     """Passes over each rollout batch."""
+    shared_prompt: bool = True
+    """Encode each group's prompt once per micro-batch; its completions attend to that one copy
+    (gradients identical to scoring every [prompt, completion] row on its own)."""
     mini_batches: int = 1
     """Optimizer steps per epoch; the rollout batch is split into this many mini-batches."""
 

@@ -26,7 +26,7 @@ from rlkd.distill_losses import (
     teacher_mixed_weights,
     whiten,
 )
-from rlkd.learner import DTYPES, Learner, TrainBatch, collate
+from rlkd.learner import Learner, TrainBatch, collate
 from rlkd.losses import selective_log_softmax, sft_loss
 from rlkd.rollout import Generation
 
@@ -70,7 +70,7 @@ class DistillLearner(Learner):
         self.teachers = []
         if needs_learner_teachers(cfg):
             for path in teacher_paths:
-                teacher = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.learner.dtype])
+                teacher = AutoModelForCausalLM.from_pretrained(path, dtype=self.load_dtype)
                 self.teachers.append(teacher.to(self.device).eval().requires_grad_(False))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
 

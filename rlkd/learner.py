@@ -21,7 +21,15 @@ from safetensors.torch import save, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.config import REPO_ROOT, Config
+from rlkd.hardware import resolve_learner_dtype
 from rlkd.losses import grpo_loss, selective_log_softmax, sft_loss
+from rlkd.packing import (
+    MicroBatch,
+    build_micro_batch,
+    enable_segment_attention,
+    plan_micro_batches,
+    score_micro_batch,
+)
 from rlkd.rollout import WeightUpdate
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint: optimizer and scheduler state
@@ -111,14 +119,14 @@ def collate_packed(batch: TrainBatch, row_len: int) -> dict[str, torch.Tensor]:
     }
 
 
-def deepspeed_config(cfg: Config, micro_batches_per_step: int) -> dict:
+def deepspeed_config(cfg: Config, micro_batches_per_step: int, bf16: bool) -> dict:
     path = Path(cfg.learner.deepspeed_config)
     path = path if path.is_absolute() else REPO_ROOT / path
     ds = json.loads(path.read_text())
     ds["train_micro_batch_size_per_gpu"] = cfg.learner.micro_batch_size
     ds["gradient_accumulation_steps"] = micro_batches_per_step
     ds["gradient_clipping"] = cfg.learner.max_grad_norm
-    ds["bf16"] = {"enabled": cfg.learner.dtype == "bfloat16"}
+    ds["bf16"] = {"enabled": bf16}
     return ds
 
 
@@ -143,13 +151,22 @@ class Learner:
         os.environ.update(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE=str(world_size),
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
-        dtype = DTYPES[cfg.learner.dtype]
+        self.compute_dtype, why = resolve_learner_dtype(cfg.learner.dtype.value)
+        if rank == 0:
+            print(f"[rlkd] learner precision: {self.compute_dtype} ({why})", flush=True)
+        # autocast_bf16 keeps fp32 weights (DeepSpeed's master copy and AdamW state stay fp32)
+        # and runs the matmuls in bf16; `bfloat16` stores the weights in bf16 (DeepSpeed bf16).
+        self.autocast = torch.bfloat16 if self.compute_dtype == "autocast_bf16" else None
+        self.load_dtype = torch.bfloat16 if self.compute_dtype == "bfloat16" else torch.float32
+        dtype = self.load_dtype
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        enable_segment_attention(model)
         if cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.reference = None
         if cfg.grpo.beta > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            enable_segment_attention(self.reference)
             self.reference.to(self.device).eval().requires_grad_(False)
 
         g = cfg.grpo
@@ -165,7 +182,7 @@ class Learner:
             optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, micro_per_step))
+            config=deepspeed_config(cfg, micro_per_step, self.compute_dtype == "bfloat16"))
         self.micro_per_step = micro_per_step
         self.zero3 = self.engine.zero_optimization_stage() == 3
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
@@ -176,75 +193,118 @@ class Learner:
 
     # ---- scoring -------------------------------------------------------------------------
 
-    def _logprobs(self, model, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token logprobs under the sampling temperature, aligned with mask_BT: [B, L-1]."""
-        ids_BL = t["input_ids_BL"].to(self.device)
-        # use_cache=False per call, not in model.config: the config is saved with each checkpoint,
-        # and a checkpoint whose config turns the cache off generates in quadratic time elsewhere.
-        logits_BLV = model(input_ids=ids_BL, attention_mask=t["attn_BL"].to(self.device), use_cache=False).logits
-        logits_BTV = logits_BLV[:, :-1]
-        if self.cfg.rollout.temperature not in (0.0, 1.0):
-            logits_BTV = logits_BTV / self.cfg.rollout.temperature
-        return selective_log_softmax(logits_BTV, ids_BL[:, 1:])
+    def _plan(self, batch: TrainBatch, rows: list[int]) -> list[list[list[int]]]:
+        return plan_micro_batches(batch.prompt_ids, batch.completion_ids, rows,
+                                  self.cfg.learner.max_tokens_per_micro_batch, self.cfg.grpo.shared_prompt)
+
+    def _score(self, model, mb: MicroBatch) -> torch.Tensor:
+        """Token logprobs of mb's targets under the sampling temperature: [N]."""
+        t = self.cfg.rollout.temperature
+        return score_micro_batch(model, mb, t if t > 0 else 1.0, self.autocast)
 
     @torch.no_grad()
-    def _frozen_logprobs(self, model, batch: TrainBatch) -> list[torch.Tensor]:
-        out = []
-        for start in range(0, len(batch), self.cfg.learner.micro_batch_size):
-            t = collate(batch.select(list(range(start, min(start + self.cfg.learner.micro_batch_size, len(batch))))))
-            out.append(self._logprobs(model, t).float().cpu())
+    def _frozen_logprobs(self, model, batch: TrainBatch, rows: list[int]) -> dict[int, torch.Tensor]:
+        """Per-row completion logprobs under a frozen model, for `rows` only: {row: [T_row]}."""
+        out = {}
+        for units in self._plan(batch, rows):
+            mb = build_micro_batch(batch.prompt_ids, batch.completion_ids, units)
+            lp_BT = mb.to_BT(self._score(model, mb).float()).cpu()
+            for b, r in enumerate(mb.rows):
+                out[r] = lp_BT[b, :len(batch.completion_ids[r])]
         return out
+
+    def _row_tensor(self, mb: MicroBatch, rows_values: list, like_BT: torch.Tensor) -> torch.Tensor:
+        """Per-row value lists (completion-aligned) as a [B, T] tensor shaped like like_BT."""
+        out_BT = torch.zeros(like_BT.shape)
+        for b, values in enumerate(rows_values):
+            out_BT[b, :len(values)] = torch.as_tensor(values, dtype=torch.float32)
+        return out_BT.to(like_BT.device)
+
+    def _zero_backward(self) -> None:
+        """Add an exact zero to every gradient, so that a micro-step with no scored row still
+        takes part in every rank's gradient reduction and the optimizer step (AdamW moves
+        parameters on a zero gradient too, through its moments and weight decay).
+
+        Alone, that needs no forward pass. With other ranks (ZeRO reduces gradient buckets in the
+        order they become ready) or under ZeRO-3 (parameters are empty placeholders outside a
+        forward), a one-token forward gives the same order as every real micro-step."""
+        module = self.engine.module
+        if self.world_size == 1 and not self.zero3:
+            loss = torch.stack([p.sum() for p in module.parameters() if p.requires_grad]).sum()
+        else:
+            loss = module(input_ids=torch.zeros(1, 1, dtype=torch.long, device=self.device),
+                          use_cache=False).logits.sum()
+        self.engine.backward(loss * 0.0)
+
+    def _all_reduce(self, values: list[float], op=None) -> list[float]:
+        if self.world_size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+        return t.tolist()
 
     # ---- the update ----------------------------------------------------------------------
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """ppo_epochs passes over the batch in mini_batches optimizer steps."""
+        """ppo_epochs passes over the batch in mini_batches optimizer steps.
+
+        Each rank trains on its contiguous share of every mini-batch (whole groups on-policy,
+        when the ranks divide prompts_per_step). Rows whose advantage is exactly 0 are not scored
+        when beta = 0: their surrogate is 0 * ratio, so their gradient is exactly 0, while the
+        loss still counts them in its denominator and the optimizer still steps. Scored rows are
+        packed into micro-batches of learner.max_tokens_per_micro_batch tokens, each group's
+        prompt encoded once (grpo.shared_prompt).
+        """
         g, start = self.cfg.grpo, time.perf_counter()
         self.engine.train()
         on_policy = g.ppo_epochs == 1 and g.mini_batches == 1
-        # Off-policy epochs need the pre-update policy's logprobs, frozen before any step.
-        old = None if on_policy else self._frozen_logprobs(self.engine.module, batch)
-        ref = self._frozen_logprobs(self.reference, batch) if self.reference is not None else None
-        sums: dict[str, float] = {}
+        scored = {i for i in range(len(batch))
+                  if batch.completion_ids[i] and (g.beta > 0 or batch.advantages[i] != 0.0)}
+        rng = torch.Generator().manual_seed(self.cfg.run.seed + self.version)
+        orders = [list(range(len(batch))) if on_policy else torch.randperm(len(batch), generator=rng).tolist()
+                  for _ in range(g.ppo_epochs)]
+        minis = [order[m0:m0 + self.minibatch_size] for order in orders
+                 for m0 in range(0, len(batch), self.minibatch_size)]
+        mine = sorted({i for mini in minis for i in shard_rows(mini, self.rank, self.world_size)} & scored)
+        # Off-policy epochs need the pre-update policy's logprobs, frozen before any step; both
+        # frozen passes score only the rows this rank trains on.
+        old = None if on_policy else self._frozen_logprobs(self.engine.module, batch, mine)
+        ref = self._frozen_logprobs(self.reference, batch, mine) if self.reference is not None else None
+        sums: dict[str, float] = {"loss": 0.0}
         weight_total = 0.0
         skipped_before = self.engine.skipped_steps
-        rng = torch.Generator().manual_seed(self.cfg.run.seed + self.version)
-        mbs = self.cfg.learner.micro_batch_size
-        for _ in range(g.ppo_epochs):
-            order = torch.randperm(len(batch), generator=rng).tolist() if not on_policy else list(range(len(batch)))
-            for m0 in range(0, len(batch), self.minibatch_size):
-                mini = order[m0:m0 + self.minibatch_size]
-                denom = self._denominator(batch.select(mini))
-                rows = shard_rows(mini, self.rank, self.world_size)
-                for u0 in range(0, len(rows), mbs):
-                    idx = rows[u0:u0 + mbs]
-                    t = collate(batch.select(idx))
-                    logprobs_BT = self._logprobs(self.engine.module, t)
-                    mask_BT = t["mask_BT"].to(self.device)
-                    loss, metrics = grpo_loss(
-                        logprobs_BT,
-                        logprobs_BT.detach() if on_policy else self._gather(old, idx, logprobs_BT),
-                        t["advantages_B"].to(self.device),
-                        mask_BT,
-                        clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta,
-                        ref_logprobs_BT=self._gather(ref, idx, logprobs_BT) if ref else None,
-                        rollout_logprobs_BT=t["rollout_logprobs_BT"].to(self.device),
-                        tis_cap=g.tis_cap or None,
-                        loss_agg=g.loss_agg.value,
-                        max_len=self.cfg.rollout.max_new_tokens,
-                    )
-                    share = self._denominator(batch.select(idx)) / denom
-                    # DeepSpeed divides by gradient_accumulation_steps and averages gradients
-                    # over ranks; undo both and weight each micro-batch by its share of the whole
-                    # mini-batch so the step sees the exact mini-batch aggregate.
-                    self.engine.backward(loss * share * self.micro_per_step * self.world_size)
-                    self.engine.step()
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v * share
-                    sums["loss"] = sums.get("loss", 0.0) + loss.item() * share
+        gas = self.engine.gradient_accumulation_steps()
+        micro_steps = 0
+        for mini in minis:
+            denom = self._denominator(batch.select(mini))
+            plans = self._plan(batch, [i for i in shard_rows(mini, self.rank, self.world_size) if i in scored])
+            # Every rank runs as many micro-steps as the busiest one (gradient reduction is
+            # collective), and one at least, so an all-zero-signal mini-batch still steps.
+            n, = self._all_reduce([float(len(plans))], torch.distributed.ReduceOp.MAX)
+            n = max(int(n), 1)
+            for k in range(n):
+                self.engine.set_gradient_accumulation_boundary(k == n - 1)
+                if k < len(plans):
+                    loss, metrics, share = self._micro_loss(batch, plans[k], old, ref, denom)
+                    # DeepSpeed divides by gradient_accumulation_steps and averages over
+                    # ranks; undo both, and weight each micro-batch by its share of the
+                    # mini-batch's denominator so the step sees the exact aggregate.
+                    self.engine.backward(loss * share * gas * self.world_size)
+                    for key, v in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + v * share
+                    sums["loss"] += loss.item() * share
                     weight_total += share
+                else:
+                    self._zero_backward()
+                self.engine.step()
+                micro_steps += 1
         sums, weight_total = self._sum_over_ranks(sums, weight_total)
-        out = {f"train/{k}": v / max(weight_total, 1e-9) for k, v in sums.items()}
+        # The loss adds up to each mini-batch's aggregate (skipped rows add exactly 0); the other
+        # metrics are means over the scored tokens.
+        out = {f"train/{k}": v / max(weight_total, 1e-9) for k, v in sums.items() if k != "loss"}
+        out["train/loss"] = sums["loss"] / (g.ppo_epochs * g.mini_batches)
+        out["train/skipped_rows_frac"] = 1.0 - len(scored) / max(len(batch), 1)
+        out["train/micro_batches"] = float(micro_steps)
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         # DeepSpeed skips (and zeroes) an optimizer step whose gradient norm is NaN/inf.
@@ -252,6 +312,25 @@ class Learner:
         out["time/learner_compute"] = time.perf_counter() - start
         self.version += 1
         return out
+
+    def _micro_loss(self, batch: TrainBatch, units: list[list[int]], old, ref, denom: float):
+        g = self.cfg.grpo
+        mb = build_micro_batch(batch.prompt_ids, batch.completion_ids, units)
+        logprobs_BT = mb.to_BT(self._score(self.engine.module, mb))
+        mask_BT = mb.mask_BT().to(logprobs_BT.device)
+        loss, metrics = grpo_loss(
+            logprobs_BT,
+            logprobs_BT.detach() if old is None else self._row_tensor(mb, [old[r] for r in mb.rows], logprobs_BT),
+            torch.tensor([batch.advantages[r] for r in mb.rows], dtype=torch.float32, device=logprobs_BT.device),
+            mask_BT,
+            clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta,
+            ref_logprobs_BT=None if ref is None else self._row_tensor(mb, [ref[r] for r in mb.rows], logprobs_BT),
+            rollout_logprobs_BT=self._row_tensor(mb, [batch.rollout_logprobs[r] for r in mb.rows], logprobs_BT),
+            tis_cap=g.tis_cap or None,
+            loss_agg=g.loss_agg.value,
+            max_len=self.cfg.rollout.max_new_tokens,
+        )
+        return loss, metrics, self._denominator(batch.select(mb.rows)) / denom
 
     def _nll_inputs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """Untempered token logprobs for SFT, padded or packed rows: [B, L-1]."""
@@ -312,20 +391,13 @@ class Learner:
         """Share-weighted metric sums of all ranks, so every rank reports the global step."""
         if self.world_size == 1:
             return sums, weight
-        keys = sorted(sums)
-        packed = torch.tensor([weight, *(sums[k] for k in keys)], dtype=torch.float64, device=self.device)
+        # A rank that scored no row (all zero-signal) has no loss metrics: agree on the keys.
+        every = [None] * self.world_size
+        torch.distributed.all_gather_object(every, sorted(sums))
+        keys = sorted({k for ks in every for k in ks})
+        packed = torch.tensor([weight, *(sums.get(k, 0.0) for k in keys)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(packed)
         return dict(zip(keys, packed[1:].tolist(), strict=True)), packed[0].item()
-
-    def _gather(self, cached: list[torch.Tensor], idx: list[int], like_BT: torch.Tensor) -> torch.Tensor:
-        """Rows `idx` of per-micro-batch cached logprobs, padded to like_BT's width."""
-        mbs = self.cfg.learner.micro_batch_size
-        rows = [cached[i // mbs][i % mbs] for i in idx]
-        out = torch.zeros(len(rows), like_BT.shape[1])
-        for r, row in enumerate(rows):
-            n = min(len(row), like_BT.shape[1])
-            out[r, :n] = row[:n]
-        return out.to(like_BT.device)
 
     def _denominator(self, batch: TrainBatch) -> float:
         """What the loss aggregation divides by: tokens for token_mean, sequences otherwise."""

@@ -1,46 +1,90 @@
-"""Learner throughput: rlkd's DeepSpeed `Learner.train_step` vs a plain PyTorch loop, same batch.
+"""Learner throughput: rlkd's GRPO `Learner.train_step` vs today's plain padded PyTorch loop.
 
-    python scripts/bench_learner.py [--rows 16 --completion-tokens 128 --steps 3] [--quick]
+    python scripts/bench_learner.py [--max-new-tokens 128 256] [--steps 2] [--quick] [key=value ...]
 
-One fixed GRPO batch: `--rows` real GSM8K prompts (rlkd's chat template) each followed by
-`--completion-tokens` random token ids, with random advantages and rollout logprobs. Both sides
-start from the same weights (the embedded SmolLM2-135M-Instruct) and do, per step, the same
-work: micro-batches of `learner.micro_batch_size` rows through `rlkd.learner.collate`, token
-logprobs via `rlkd.losses.selective_log_softmax`, `rlkd.losses.grpo_loss` with rlkd's defaults
-(token mean, clip 0.2/0.28, TIS cap 2), gradient accumulation over the batch, gradient clipping
-at 1.0 and one AdamW step (lr 1e-6, no weight decay).
-  rlkd:  `rlkd.learner.Learner` in this process (DeepSpeed engine, ZeRO stage from
-         learner.deepspeed_config, gloo on CPU / NCCL on GPU), `train_step(batch)`;
-  plain: the model, `torch.optim.AdamW` and `clip_grad_norm_`, nothing else.
-Steps alternate (rlkd, plain, rlkd, ...) so a change in machine load hits both sides alike; the
-first --warmup steps of each are not timed. Tokens/s counts every token of every row (prompt and
-completion: what the forward pass processes); the ratio rlkd/plain is the DeepSpeed overhead.
-Trailing key=value arguments are rlkd config overrides (e.g. learner.deepspeed_config=...).
+Realistic batches: `--prompts` GSM8K train questions x `--group` completions sampled from the
+embedded model by vLLM (temperature 1, fp32, `--max-new-tokens` each), scored by the recipe's
+rewards and turned into group advantages, as a GRPO step would. Each batch is trained twice:
+  * `as scored`: the advantages the rewards give (groups without reward variance carry none);
+  * `all signal`: the same rows with random advantages, so every row is scored by both sides.
+Both sides start from the same weights and do the same update (token mean, clip 0.2/0.28, TIS
+cap 2, clipping at 1.0, one AdamW step):
+  rlkd:  `rlkd.learner.Learner` (DeepSpeed engine): zero-signal rows skipped, rows packed into
+         `learner.max_tokens_per_micro_batch`, shared prompts, lm_head only where scored, and
+         the precision `learner.dtype` picks (fp32 and `auto` are both measured);
+  plain: micro-batches of 8 right-padded rows through `rlkd.learner.collate`, full logits,
+         `torch.optim.AdamW` and `clip_grad_norm_`, fp32: the learner as it was.
+Steps alternate (rlkd, plain, ...) so a change in machine load hits both sides alike; the first
+--warmup steps are not timed. Tokens/s counts every prompt and completion token of the batch
+(the same work on both sides). After the fp32 steps the largest |parameter difference| between
+the two sides is printed: the speed-up must keep the update.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
 import torch
-from bench_common import free_port, gsm8k_prompts, on_gpu, parser, print_table, target, write_result
+from bench_common import (
+    RESULTS_DIR,
+    free_port,
+    gsm8k_prompts,
+    on_gpu,
+    parser,
+    print_table,
+    target,
+    write_result,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rewards import compute_rewards, load_reward
 from rlkd.compose import load_config
-from rlkd.learner import DTYPES, Learner, TrainBatch, collate
-from rlkd.losses import grpo_loss, selective_log_softmax
+from rlkd.learner import Learner, TrainBatch, collate
+from rlkd.losses import group_advantages, grpo_loss, selective_log_softmax
 from rlkd.models import resolve_model
+from rlkd.preflight import reward_name
+
+PLAIN_MICRO_BATCH = 8
 
 
-def fixed_batch(tokenizer, data_dir, rows: int, completion_tokens: int) -> TrainBatch:
-    prompts, _ = gsm8k_prompts(tokenizer, data_dir, rows)
-    rng = random.Random(0)
-    prompt_ids = [tokenizer(p)["input_ids"] for p in prompts]
-    vocab = len(tokenizer)
-    completions = [[rng.randrange(vocab) for _ in range(completion_tokens)] for _ in range(rows)]
-    logprobs = [[-rng.random() * 3 for _ in range(completion_tokens)] for _ in range(rows)]
-    return TrainBatch(prompt_ids, completions, logprobs, [rng.gauss(0, 1) for _ in range(rows)])
+def sample_batch(cfg, model_path: str, data_dir, prompts: int, group: int, max_new_tokens: int) -> dict:
+    """Completions sampled by vLLM, cached in bench_results/ (sampling is not what is timed)."""
+    cache = RESULTS_DIR / f"bench_learner_batch_{prompts}x{group}_{max_new_tokens}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    import vllm
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    texts, answers = gsm8k_prompts(tokenizer, data_dir, prompts)
+    llm = vllm.LLM(model_path, dtype="float32", enforce_eager=True, max_model_len=cfg.model.max_model_len, seed=0)
+    outs = llm.generate(texts, vllm.SamplingParams(n=group, temperature=1.0, max_tokens=max_new_tokens,
+                                                   logprobs=0, seed=0))
+    prompt_ids, completion_ids, logprobs, completions = [], [], [], []
+    for out in outs:
+        for c in out.outputs:
+            prompt_ids.append(list(out.prompt_token_ids))
+            completion_ids.append(list(c.token_ids))
+            logprobs.append([lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)])
+            completions.append(c.text)
+    fns = {reward_name(spec): load_reward(spec) for spec in cfg.rewards.funcs}
+    rewards, _, _ = compute_rewards(fns, dict(zip(fns, cfg.rewards.weights, strict=True)), completions,
+                                    answer=[a for a in answers for _ in range(group)])
+    data = {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "logprobs": logprobs, "rewards": rewards}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(data))
+    return data
+
+
+def train_batch(data: dict, group: int, signal: str) -> TrainBatch:
+    if signal == "as scored":
+        adv, _ = group_advantages(torch.tensor(data["rewards"]), group)
+        advantages = adv.tolist()
+    else:
+        rng = random.Random(0)
+        advantages = [rng.gauss(0, 1) for _ in data["rewards"]]
+    return TrainBatch(data["prompt_ids"], data["completion_ids"], data["logprobs"], advantages)
 
 
 class PlainLoop:
@@ -48,14 +92,14 @@ class PlainLoop:
 
     def __init__(self, cfg, model_path: str, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.learner.dtype]).to(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
         self.model.config.use_cache = False
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.learner.lr,
                                      weight_decay=cfg.learner.weight_decay, fused=device.type == "cuda")
 
     def train_step(self, batch: TrainBatch) -> None:
-        g, mbs = self.cfg.grpo, self.cfg.learner.micro_batch_size
+        g, mbs = self.cfg.grpo, PLAIN_MICRO_BATCH
         total_tokens = float(sum(len(c) for c in batch.completion_ids))
         for start in range(0, len(batch), mbs):
             idx = list(range(start, min(start + mbs, len(batch))))
@@ -75,65 +119,85 @@ class PlainLoop:
         self.opt.zero_grad(set_to_none=True)
 
 
+def timed(fn, batch, gpu: bool, metrics: dict | None = None) -> float:
+    """Seconds of fn(batch); its returned metrics go into `metrics` when given."""
+    if gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(batch)
+    if metrics is not None:
+        metrics.update(out)
+    if gpu:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     p = parser("bench_learner", __doc__)
-    p.add_argument("--rows", type=int, default=16, help="sequences per batch (a GRPO rollout batch)")
-    p.add_argument("--completion-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--group", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--steps", type=int, default=2, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
-    p.add_argument("overrides", nargs="*", help="rlkd config overrides, key=value")
+    p.add_argument("overrides", nargs="*", help="rlkd config overrides for the rlkd side, key=value")
     args = p.parse_args()
     if args.quick:
-        args.rows, args.completion_tokens, args.steps, args.warmup = 4, 16, 1, 1
+        args.prompts, args.group, args.max_new_tokens, args.steps, args.warmup = 1, 4, [16], 1, 0
     gpu = on_gpu()
     device = torch.device("cuda" if gpu else "cpu")
-    extra = ["learner.dtype=bfloat16", "rollout.dtype=bfloat16"] if gpu else []
-    # grpo sizes make the learner's mini-batch exactly the benchmark batch.
-    cfg = load_config("grpo_gsm8k", [*extra, "grpo.group_size=1", f"grpo.prompts_per_step={args.rows}",
-                                     f"rollout.max_new_tokens={args.completion_tokens}", *args.overrides])
-    model_path = str(resolve_model(cfg.model.name))
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    batch = fixed_batch(tokenizer, args.data, args.rows, args.completion_tokens)
-    tokens = sum(len(a) + len(b) for a, b in zip(batch.prompt_ids, batch.completion_ids, strict=True))
-
-    learner = Learner(cfg, model_path, master_port=free_port())
-    plain = PlainLoop(cfg, model_path, device)
-    sides = {"rlkd Learner.train_step (DeepSpeed)": learner.train_step, "plain PyTorch loop": plain.train_step}
-    seconds: dict[str, list[float]] = {name: [] for name in sides}
-    for step in range(args.warmup + args.steps):
-        for name, fn in sides.items():
-            if gpu:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn(batch)
-            if gpu:
-                torch.cuda.synchronize()
-            if step >= args.warmup:
-                seconds[name].append(time.perf_counter() - start)
-
-    rows = []
-    for name, secs in seconds.items():
-        mean = sum(secs) / len(secs)
-        rows.append([name, tokens / mean, mean, min(secs)])
-    ratio = rows[0][1] / rows[1][1]
-    headers = ["side", "tokens/s", "s/step", "best s/step"]
-    title = (f"learner: {args.rows} rows, {tokens} tokens/batch ({args.completion_tokens} completion tokens/row), "
-             f"micro-batch {cfg.learner.micro_batch_size}, {cfg.learner.deepspeed_config}, {'GPU' if gpu else 'CPU'}")
+    rows, results, targets = [], {}, []
+    for max_new in args.max_new_tokens:
+        base = [f"grpo.group_size={args.group}", f"grpo.prompts_per_step={args.prompts}",
+                f"rollout.max_new_tokens={max_new}", *args.overrides]
+        cfg = load_config("grpo_gsm8k", [*base, "learner.dtype=float32"])
+        model_path = str(resolve_model(cfg.model.name))
+        data = sample_batch(cfg, model_path, args.data, args.prompts, args.group, max_new)
+        tokens = sum(len(a) + len(b) for a, b in zip(data["prompt_ids"], data["completion_ids"], strict=True))
+        for dtype in ("float32", "auto"):
+            cfg = load_config("grpo_gsm8k", [*base, f"learner.dtype={dtype}"])
+            for signal in ("as scored", "all signal"):
+                batch = train_batch(data, args.group, signal)
+                learner = Learner(cfg, model_path, master_port=free_port())
+                plain = PlainLoop(cfg, model_path, device)
+                secs = {"rlkd": [], "plain": []}
+                metrics = {}
+                for step in range(args.warmup + args.steps):
+                    t_rlkd = timed(learner.train_step, batch, gpu, metrics)
+                    t_plain = timed(plain.train_step, batch, gpu)
+                    if step >= args.warmup:
+                        secs["rlkd"].append(t_rlkd)
+                        secs["plain"].append(t_plain)
+                diff = max((a - b).abs().max().item() for a, b in zip(
+                    learner.engine.module.parameters(), plain.model.parameters(), strict=True))
+                learner.close()
+                mean = {k: sum(v) / len(v) for k, v in secs.items()}
+                ratio = mean["plain"] / mean["rlkd"]
+                precision = learner.compute_dtype
+                rows.append([max_new, precision, signal, tokens, metrics["train/skipped_rows_frac"],
+                             tokens / mean["plain"], tokens / mean["rlkd"], ratio, diff])
+                results[f"{max_new}/{precision}/{signal}"] = {
+                    "seconds": secs, "ratio": ratio, "max_param_diff": diff, "tokens": tokens,
+                    "skipped_rows_frac": metrics["train/skipped_rows_frac"],
+                    "micro_batches": metrics["train/micro_batches"]}
+                if precision == "float32":
+                    targets.append(target(f"learner tokens/s rlkd/plain, fp32, {max_new} tokens, {signal}",
+                                          ratio, ">= 2.0 with params within 1e-5", ratio >= 2.0 and diff < 1e-5))
+                del learner, plain
+    headers = ["max_new_tokens", "rlkd precision", "advantages", "tokens/batch", "skipped rows",
+               "plain tok/s", "rlkd tok/s", "rlkd/plain", "max |dparam|"]
+    title = (f"GRPO learner step: {args.prompts} prompts x {args.group} sampled completions, "
+             f"plain = padded fp32 loop ({PLAIN_MICRO_BATCH} rows/micro-batch), {'GPU' if gpu else 'CPU'}")
     print_table(title, headers, rows)
-    print_table("ratio", ["ratio", "value"], [["rlkd/plain tokens/s", ratio]])
     write_result(args.out, "bench_learner", {
         "title": title,
-        "settings": {"rows": args.rows, "completion_tokens": args.completion_tokens, "tokens_per_batch": tokens,
+        "settings": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
                      "steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
-                     "deepspeed_config": cfg.learner.deepspeed_config, "quick": args.quick,
-                     "device": "gpu" if gpu else "cpu"},
-        "seconds": seconds,
+                     "quick": args.quick, "device": "gpu" if gpu else "cpu"},
+        "results": results,
         "table": {"headers": headers, "rows": rows},
-        "ratios": {"rlkd/plain": ratio},
-        # The issue sets no target here: the figure is the DeepSpeed overhead, reported as is.
-        "targets": [target("learner tokens/s rlkd/plain", ratio, "none (DeepSpeed overhead)", None)],
+        "ratios": {k: v["ratio"] for k, v in results.items()},
+        "targets": targets,
     })
-    learner.close()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,13 @@ import pytest
 import ray
 import torch
 from test_learner import _batch, tiny_model  # noqa: F401  (tiny_model is a fixture)
+from test_learner_reference import (
+    VARIED,
+    assert_matches,
+    learner_overrides,
+    make_batch,
+    reference_step,
+)
 
 from rlkd.compose import load_config
 from rlkd.grpo import ACTOR_ENV, Actors, call_learners, start_learners, stop_actors
@@ -18,11 +25,12 @@ def local_ray():
     ray.shutdown()
 
 
-def _step(path, num_workers: int, batch):
+def _step(path, num_workers: int, batch, overrides=None):
     """One train_step on `num_workers` learner actors; (rank 0 metrics, params of every rank)."""
-    cfg = load_config("grpo_gsm8k", [
+    cfg = load_config("grpo_gsm8k", [*(overrides or [
         "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.mini_batches=2", "grpo.ppo_epochs=2",
-        "learner.lr=1e-3", "learner.micro_batch_size=1", "rollout.max_new_tokens=16",
+        "learner.lr=1e-3", "learner.max_tokens_per_micro_batch=12", "rollout.max_new_tokens=16",
+        "learner.dtype=float32"]),
         f"learner.num_workers={num_workers}", "rollout.colocate=false"])
     placement = reserve(plan(cfg), timeout_s=60)
     learners = start_learners(cfg, path, placement)
@@ -45,7 +53,21 @@ def test_two_ranks_stay_identical_and_equal_one_rank_on_the_global_batch(local_r
     changed = [k for k in one if not torch.equal(one[k], rank0[k])]
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
-        torch.testing.assert_close(rank0[name], one[name], atol=2e-6, rtol=1e-5, msg=name)
+        # Packing sums the gradients in another order on two ranks; Adam amplifies that fp32
+        # noise on near-zero gradients (see test_learner_reference), so 1% of the learning rate.
+        torch.testing.assert_close(rank0[name], one[name], atol=1e-5, rtol=1e-5)
     assert changed  # the step moved the weights, so agreement is not vacuous
     for key in ("train/loss", "train/clip_frac", "train/ratio_mean", "train/grad_norm"):
         assert two_metrics[key] == pytest.approx(one_metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_two_ranks_with_packing_shared_prompts_and_zero_signal_equal_the_reference(local_ray, tiny_model):  # noqa: F811
+    """Each rank gets one whole group; group 1 has no reward variance, so rank 1 scores nothing
+    and only joins the gradient reduction."""
+    batch = make_batch(VARIED, "group")
+    overrides = learner_overrides("token_mean", 0.0, 0.7, 1, 1, 20, True)
+    metrics, (rank0, rank1) = _step(tiny_model, 2, batch, overrides)
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert_matches(metrics, rank0, reference_step(tiny_model, batch, agg="token_mean", beta=0.0, temperature=0.7,
+                                                  epochs=1, minis=1, seed=0))
