@@ -377,3 +377,21 @@ def test_all_masked_grads_are_zero():
     loss, _ = grpo_loss(logp, logp.detach() - 0.5, torch.ones(2).double(), mask)
     loss.backward()
     assert (logp.grad == 0).all()
+
+
+def test_selective_log_softmax_with_temperature_matches_brute_force():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 40, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 40, (3, 5))
+    got = selective_log_softmax(logits, ids, chunk_size=4, temperature=0.7)
+    want = torch.log_softmax(logits / 0.7, -1).gather(-1, ids[..., None])[..., 0]
+    torch.testing.assert_close(got, want)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    (g_want,) = torch.autograd.grad(want.sum(), logits)
+    torch.testing.assert_close(g_got, g_want)
+    # bf16 logits: the division happens after the fp32 upcast, so only the input rounding remains.
+    x16 = logits.detach().to(torch.bfloat16)
+    got16 = selective_log_softmax(x16, ids, temperature=0.7)
+    ref16 = torch.log_softmax(x16.double() / 0.7, -1).gather(-1, ids[..., None])[..., 0]
+    assert got16.dtype == torch.float32
+    torch.testing.assert_close(got16.double(), ref16, atol=1e-5, rtol=1e-5)
