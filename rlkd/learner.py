@@ -158,14 +158,13 @@ class Learner:
         # and runs the matmuls in bf16; `bfloat16` stores the weights in bf16 (DeepSpeed bf16).
         self.autocast = torch.bfloat16 if self.compute_dtype == "autocast_bf16" else None
         self.load_dtype = torch.bfloat16 if self.compute_dtype == "bfloat16" else torch.float32
-        dtype = self.load_dtype
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.load_dtype)
         enable_segment_attention(model)
         if cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.reference = None
         if cfg.grpo.beta > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.load_dtype)
             enable_segment_attention(self.reference)
             self.reference.to(self.device).eval().requires_grad_(False)
 
@@ -213,7 +212,7 @@ class Learner:
                 out[r] = lp_BT[b, :len(batch.completion_ids[r])]
         return out
 
-    def _row_tensor(self, mb: MicroBatch, rows_values: list, like_BT: torch.Tensor) -> torch.Tensor:
+    def _row_tensor(self, rows_values: list, like_BT: torch.Tensor) -> torch.Tensor:
         """Per-row value lists (completion-aligned) as a [B, T] tensor shaped like like_BT."""
         out_BT = torch.zeros(like_BT.shape)
         for b, values in enumerate(rows_values):
@@ -320,12 +319,12 @@ class Learner:
         mask_BT = mb.mask_BT().to(logprobs_BT.device)
         loss, metrics = grpo_loss(
             logprobs_BT,
-            logprobs_BT.detach() if old is None else self._row_tensor(mb, [old[r] for r in mb.rows], logprobs_BT),
+            logprobs_BT.detach() if old is None else self._row_tensor([old[r] for r in mb.rows], logprobs_BT),
             torch.tensor([batch.advantages[r] for r in mb.rows], dtype=torch.float32, device=logprobs_BT.device),
             mask_BT,
             clip_low=g.clip_low, clip_high=g.clip_high, beta=g.beta,
-            ref_logprobs_BT=None if ref is None else self._row_tensor(mb, [ref[r] for r in mb.rows], logprobs_BT),
-            rollout_logprobs_BT=self._row_tensor(mb, [batch.rollout_logprobs[r] for r in mb.rows], logprobs_BT),
+            ref_logprobs_BT=None if ref is None else self._row_tensor([ref[r] for r in mb.rows], logprobs_BT),
+            rollout_logprobs_BT=self._row_tensor([batch.rollout_logprobs[r] for r in mb.rows], logprobs_BT),
             tis_cap=g.tis_cap or None,
             loss_agg=g.loss_agg.value,
             max_len=self.cfg.rollout.max_new_tokens,
