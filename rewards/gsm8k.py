@@ -1,6 +1,6 @@
 """Correctness reward for GSM8K-style problems with a numeric gold answer."""
 
-from rlkd.answer import is_correct
+from rlkd.answer import extract_answer, is_correct
 
 
 def gsm8k_correct(completions: list[str], answer: list[str | None], **_) -> list[float | None]:
@@ -14,3 +14,8 @@ def gsm8k_correct(completions: list[str], answer: list[str | None], **_) -> list
         None if not gold else float(is_correct(completion, gold))
         for completion, gold in zip(completions, answer, strict=True)
     ]
+
+
+# The parser the run's guardrails use to tell "no answer at all" apart from a wrong answer
+# (reward/gsm8k_correct_unparsed); any reward may carry one.
+gsm8k_correct.parse = extract_answer

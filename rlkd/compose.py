@@ -27,6 +27,7 @@ from rlkd.config import (
     Config,
     ConfigError,
     DistillObjective,
+    Overlong,
     PromptMode,
     StudentInit,
     Task,
@@ -214,6 +215,8 @@ def validate(cfg: Config) -> None:
         "learner.num_workers": cfg.learner.num_workers,
         "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "grpo.max_sampling_rounds": g.max_sampling_rounds,
+        "trainer.logp_mismatch_steps": cfg.trainer.logp_mismatch_steps,
     }
     for key, value in positive.items():
         if value < 1:
@@ -253,8 +256,17 @@ def validate(cfg: Config) -> None:
                           "(a mean log-probability)")
     if cfg.trainer.resume == "auto" and not cfg.run.dir:
         raise ConfigError("trainer.resume=auto needs run.dir=<the run directory to continue>")
-    if cfg.rollout.max_restarts < 0 or cfg.trainer.max_bad_steps < 0:
-        raise ConfigError("rollout.max_restarts and trainer.max_bad_steps must be >= 0")
+    for key, value in {"rollout.max_restarts": cfg.rollout.max_restarts,
+                       "trainer.max_bad_steps": cfg.trainer.max_bad_steps,
+                       "trainer.max_zero_signal_steps": cfg.trainer.max_zero_signal_steps,
+                       "trainer.max_logp_mismatch": cfg.trainer.max_logp_mismatch,
+                       "grpo.overlong_buffer": g.overlong_buffer, "grpo.overlong_penalty": g.overlong_penalty,
+                       "data.held_out": cfg.data.held_out}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if g.overlong == Overlong.penalty and g.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"grpo.overlong_buffer={g.overlong_buffer} exceeds "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
     if cfg.eval.compare and len(cfg.eval.compare) != 2:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
     if cfg.task == Task.distill:
@@ -271,6 +283,8 @@ def validate_distill(cfg: Config) -> None:
     for key in ("jsd_beta", "lmbda", "mix_alpha", "gamma"):
         if not 0.0 <= getattr(d, key) <= 1.0:
             raise ConfigError(f"distill.{key}={getattr(d, key)} must be in [0, 1]")
+    if d.teacher_cache_gb < 0:
+        raise ConfigError(f"distill.teacher_cache_gb={d.teacher_cache_gb} must be >= 0")
     for key in ("temperature", "confidence_temperature"):
         if getattr(d, key) <= 0:
             raise ConfigError(f"distill.{key}={getattr(d, key)} must be > 0")

@@ -52,6 +52,19 @@ class LearnerDtype(str, Enum):
     autocast_bf16 = "autocast_bf16"
 
 
+class RolloutDtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Overlong(str, Enum):
+    none = "none"
+    mask = "mask"
+    penalty = "penalty"
+
+
 class LossAgg(str, Enum):
     token_mean = "token_mean"
     seq_mean_token_mean = "seq_mean_token_mean"
@@ -158,6 +171,9 @@ class DataConfig:
     """Split to train on (or to evaluate, for task=eval)."""
     eval_split: str = "test"
     """Split used for periodic evaluation during training."""
+    held_out: int = 0
+    """Hold out the last N questions of `split`: never trained on, and the periodic evaluation
+    (and task=eval) uses them instead of `eval_split`, so settings are tuned off the test set."""
     system_prompt: str = ""
     """System message for the chat template; empty keeps the model's own default."""
     instruction: str = (
@@ -199,8 +215,9 @@ class RolloutConfig:
     """Fraction of GPU memory vLLM may take (GPU only)."""
     enforce_eager: bool = True
     """Skip graph capture: start-up drops from ~80 s to ~20 s on CPU."""
-    dtype: str = "float32"
-    """vLLM weight dtype; float32 on CPUs without AVX-512 bf16, bfloat16 on GPUs."""
+    dtype: RolloutDtype = RolloutDtype.auto
+    """vLLM weight dtype. `auto`: bfloat16 on GPUs and on CPUs with AVX-512-bf16 or AMX, float32
+    elsewhere (the run log says which and why); or `float32`, `bfloat16`, `float16`."""
     temperature: float = 1.0
     """Sampling temperature for training rollouts."""
     top_p: float = 1.0
@@ -269,6 +286,22 @@ class GRPOConfig:
     (gradients identical to scoring every [prompt, completion] row on its own)."""
     mini_batches: int = 1
     """Optimizer steps per epoch; the rollout batch is split into this many mini-batches."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: draw further prompts until prompts_per_step groups have rewards
+    that differ (a group whose completions all score alike has no gradient), within
+    max_sampling_rounds generate calls; short of that, train on the groups found."""
+    max_sampling_rounds: int = 4
+    """Generate calls per step at most with dynamic_sampling; later rounds draw as many prompts
+    as the keep rate seen so far says are needed, up to 4 x prompts_per_step."""
+    overlong: Overlong = Overlong.none
+    """Completions cut at rollout.max_new_tokens: `none` trains on them as they are; `mask`
+    leaves them out of the loss (DAPO overlong filtering); `penalty` subtracts DAPO's soft
+    overlong penalty, rising linearly from 0 to overlong_penalty over the last overlong_buffer
+    tokens before the cap."""
+    overlong_buffer: int = 64
+    """Tokens before the cap over which the overlong penalty rises."""
+    overlong_penalty: float = 1.0
+    """Reward subtracted from a completion that reaches the cap (overlong=penalty)."""
 
 
 @dataclass
@@ -292,6 +325,17 @@ class TrainerConfig:
     max_bad_steps: int = 3
     """Stop after this many consecutive steps whose update was skipped for a NaN/inf loss or
     gradient (each skip is logged as train/skipped_steps); 0 never stops."""
+    max_zero_signal_steps: int = 20
+    """Stop after this many consecutive steps whose trained groups all had equal rewards (no
+    gradient at all), naming the rewards, their means and how often no answer parsed; 0 never
+    stops."""
+    max_logp_mismatch: float = 0.5
+    """Stop when train/logp_mismatch (mean |learner - sampler| token logprob) exceeds this for
+    logp_mismatch_steps consecutive steps: the sampler no longer samples the learner's policy
+    (weights that did not arrive, or an engine that diverged); 0 never stops. bf16 on both
+    sides gives about 0.02-0.05, fp32 about 1e-4."""
+    logp_mismatch_steps: int = 3
+    """Consecutive steps over max_logp_mismatch before the run stops."""
 
 
 @dataclass
@@ -416,6 +460,11 @@ class DistillConfig:
     """MiniLLM: take the current token's reward in exact expectation (full-vocabulary KL)."""
     single_step_coef: float = 1.0
     """Weight of the single-step KL term."""
+    teacher_cache_gb: float = 4.0
+    """MiniLLM with the single-step term: CPU memory for the in-process teachers' full next-token
+    distributions, kept from the reward pass for the loss pass so the teachers run once per step
+    (tokens x vocabulary x 4 bytes: 16 x 128 tokens of SmolLM2's 49k vocabulary take 0.4 GiB);
+    micro-batches beyond it run the teachers again."""
     mix_alpha: float = 0.0
     """MiniLLM teacher-mixed sampling weight; > 0 samples on the learner, not vLLM (slow)."""
     task_coef: float = 0.0

@@ -31,6 +31,7 @@ from rlkd.config import Config, ConfigError, PromptMode
 from rlkd.data import Example, build_prompt, load_split
 from rlkd.filters import apply_filters, report_markdown, strip_calculator
 from rlkd.grpo import init_ray
+from rlkd.hardware import rollout_dtype
 from rlkd.models import resolve_model
 from rlkd.recovery import shutdown
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
@@ -202,7 +203,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             init_ray(cfg)
             rollouts = [
                 RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
-                    teacher, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
+                    teacher, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
                     enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
                     gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                     use_gpu=cfg.rollout.gpus_per_actor > 0, seed=cfg.run.seed + i,

@@ -54,6 +54,14 @@ def load_split(cfg: DataConfig, split: str, limit: int = 0) -> list[Example]:
     return examples[:limit] if limit > 0 else examples
 
 
+def split_held_out(cfg: DataConfig, examples: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(training examples, held-out examples): the last data.held_out of `examples` are held out."""
+    n = cfg.held_out
+    if n and n >= len(examples):
+        raise DataError(f"data.held_out={n} leaves nothing to train on: the split has {len(examples)} examples")
+    return (examples[:-n], examples[-n:]) if n else (examples, [])
+
+
 def _resolve_local(path: Path, split: str) -> Path:
     if path.is_file():
         if path.suffix not in _LOCAL_FORMATS:

@@ -44,6 +44,7 @@ from rlkd.grpo import (
     stop_actors,
     sync_weights,
 )
+from rlkd.hardware import rollout_dtype
 from rlkd.losses import group_advantages
 from rlkd.models import count_parameters, resolve_model
 from rlkd.prune import prune
@@ -106,7 +107,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     # Sampled-token scoring goes to vLLM teacher actors unless the learner holds the teachers.
     teachers = [] if needs_learner_teachers(cfg) else [
         TeacherActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
-            path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
+            path, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
             enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
             use_gpu=cfg.rollout.gpus_per_actor > 0,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
@@ -185,7 +186,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                 prompt_ids, completion_ids, scores, advantages,
                 sft_prompt_ids=[tokenizer(build_prompt(tokenizer, ex.question, cfg.data),
                                           add_special_tokens=False).input_ids for ex in sft],
-                sft_completion_ids=[reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in sft])
+                sft_completion_ids=[reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in sft],
+                student_logprobs=gen.logprobs if on_policy else [])
             with timer("train"):
                 metrics = ray.get(learner.distill_step.remote(batch))
             with timer("sync"):

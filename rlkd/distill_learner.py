@@ -1,8 +1,9 @@
 """The distillation learner: the GRPO learner plus frozen in-process teachers and `distill_step`.
 
 The teachers load here only when an objective needs their full next-token distributions
-(single-step KL, GKD, forward KL, teacher-mixed sampling): those [B, T, V] logits are used where
-they are computed and never cross Ray (see `rlkd.teacher`).
+(single-step KL, GKD, forward KL, teacher-mixed sampling): those [N, V] logits are used where
+they are computed and never cross Ray (see `rlkd.teacher`). Rows are packed into token-budget
+micro-batches with shared prompts (`rlkd.packing`), like the GRPO learner's.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from rlkd.distill_losses import (
     teacher_mixed_weights,
     whiten,
 )
-from rlkd.learner import Learner, TrainBatch, collate
+from rlkd.learner import Learner
 from rlkd.losses import selective_log_softmax, sft_loss
+from rlkd.packing import (
+    MicroBatch,
+    build_micro_batch,
+    enable_segment_attention,
+    micro_batch_logits,
+    plan_micro_batches,
+)
 from rlkd.rollout import Generation
 
 
@@ -43,6 +51,9 @@ class DistillBatch:
     task_advantages: list[float]  # [N]: group advantages of rewards.funcs (0 when unused)
     sft_prompt_ids: list[list[int]] = field(default_factory=list)  # [N] or []: LM-term data
     sft_completion_ids: list[list[int]] = field(default_factory=list)
+    # [N] ragged: the sampler's log q_S of each completion token (vLLM, or the learner's mixed
+    # sampler); MiniLLM's reward and importance weights read it. [] for reference solutions.
+    student_logprobs: list[list[float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -54,11 +65,11 @@ def needs_learner_teachers(cfg: Config) -> bool:
     return d.objective != DistillObjective.minillm or d.single_step or d.mix_alpha > 0
 
 
-def _pad_rows(rows: list[list[float]], like_BT: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-    """Ragged per-completion values placed at their target positions of a [B, T] tensor."""
+def _pad_rows(rows: list[list[float]], like_BT: torch.Tensor) -> torch.Tensor:
+    """Ragged per-completion values as a zero-padded, completion-aligned [B, T] fp32 tensor."""
     out = torch.zeros(like_BT.shape, dtype=torch.float32)
-    for b, (row, start) in enumerate(zip(rows, offsets, strict=True)):
-        out[b, start:start + len(row)] = torch.tensor(row, dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
     return out.to(like_BT.device)
 
 
@@ -71,12 +82,19 @@ class DistillLearner(Learner):
         if needs_learner_teachers(cfg):
             for path in teacher_paths:
                 teacher = AutoModelForCausalLM.from_pretrained(path, dtype=self.load_dtype)
+                enable_segment_attention(teacher)
                 self.teachers.append(teacher.to(self.device).eval().requires_grad_(False))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
 
-    def _logits(self, model, ids_BL: torch.Tensor, attn_BL: torch.Tensor) -> torch.Tensor:
-        """Next-token logits aligned with collate's targets, cut to the shared vocabulary."""
-        return model(input_ids=ids_BL, attention_mask=attn_BL, use_cache=False).logits[:, :-1, :self.vocab_size]
+    def _logits(self, model, mb: MicroBatch) -> torch.Tensor:
+        """Next-token logits at mb's scored positions, cut to the shared vocabulary: [N, V]."""
+        return micro_batch_logits(model, mb, self.autocast)[:, :self.vocab_size]
+
+    def _plan(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> list[MicroBatch]:
+        """Every non-empty row, packed into token-budget micro-batches with shared prompts."""
+        plans = plan_micro_batches(prompt_ids, completion_ids, list(range(len(completion_ids))),
+                                   self.cfg.learner.max_tokens_per_micro_batch, self.cfg.grpo.shared_prompt)
+        return [build_micro_batch(prompt_ids, completion_ids, units) for units in plans]
 
     def _teacher_weights(self, teacher_lp_KBT: torch.Tensor, mask_BT: torch.Tensor):
         d = self.cfg.distill
@@ -86,100 +104,114 @@ class DistillLearner(Learner):
         w_KB = (w_K / w_K.sum())[:, None].expand(-1, mask_BT.shape[0]).to(mask_BT.device)
         return w_KB, {}
 
+    @torch.no_grad()
+    def _teacher_pass(self, mb: MicroBatch):
+        """The in-process teachers on one micro-batch: the (mixed) log-distribution at every
+        scored position [N, V], its sampled-token logprobs [N] and the weighting's metrics."""
+        log_p_KNV = torch.stack([torch.log_softmax(self._logits(m, mb).float(), -1) for m in self.teachers])
+        targets_N = mb.target_ids_N.to(log_p_KNV.device)
+        if len(self.teachers) == 1:
+            log_p_NV, metrics = log_p_KNV[0], {}
+        else:
+            tokens_KN = log_p_KNV.gather(-1, targets_N[None, :, None].expand(len(self.teachers), -1, 1))[..., 0]
+            mask_BT = mb.mask_BT().to(log_p_KNV.device)
+            w_KB, metrics = self._teacher_weights(torch.stack([mb.to_BT(x) for x in tokens_KN]), mask_BT)
+            log_p_NV = mix_teachers(log_p_KNV, w_KB[:, mb.row_N.to(w_KB.device)])
+        return log_p_NV, log_p_NV.gather(-1, targets_N[:, None])[:, 0], metrics
+
     # ---- the update ----------------------------------------------------------------------
 
     def distill_step(self, batch: DistillBatch) -> dict[str, float]:
-        """One optimizer step on the batch's token-mean objective (micro-batched, exact)."""
+        """One optimizer step on the batch's token-mean objective over packed micro-batches.
+
+        MiniLLM's returns need the teachers' logprobs of the whole batch before any update (the
+        reward-to-go runs to the end of each completion, and the returns are whitened over the
+        batch). They come from vLLM teacher actors, or from one no-grad pass of the in-process
+        teachers, which also keeps their full distributions for the single-step term while
+        those fit in distill.teacher_cache_gb. The student's side of the reward is the sampler's
+        own logprobs, so the student runs once per micro-batch, with grad, and the sampler-vs-
+        learner mismatch is corrected by GRPO's truncated importance weights (grpo.tis_cap).
+        """
         d, start = self.cfg.distill, time.perf_counter()
         self.engine.train()
-        mbs = self.cfg.learner.micro_batch_size
+        mbs = self._plan(batch.prompt_ids, batch.completion_ids)
         denom = max(sum(len(c) for c in batch.completion_ids), 1)
-        sft_denom = max(sum(len(c) for c in batch.sft_completion_ids), 1)
         sums: dict[str, float] = {}
-        minillm_rows = None
+        minillm_rows, cached = None, [None] * len(mbs)
         if d.objective == DistillObjective.minillm:
-            *minillm_rows, sums = self._minillm_returns(batch)
-        for u0 in range(0, len(batch), mbs):
-            idx = list(range(u0, min(u0 + mbs, len(batch))))
-            loss, metrics = self._distill_loss(batch, idx, minillm_rows)
-            share = sum(len(batch.completion_ids[i]) for i in idx) / denom
-            total = loss * share
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * share
-            sums["loss"] = sums.get("loss", 0.0) + loss.item() * share
-            if d.lm_coef and batch.sft_completion_ids:
-                sft = TrainBatch([batch.sft_prompt_ids[i] for i in idx],
-                                 [batch.sft_completion_ids[i] for i in idx],
-                                 [[0.0] * len(batch.sft_completion_ids[i]) for i in idx], [0.0] * len(idx))
-                t = collate(sft)
-                ids_BL = t["input_ids_BL"].to(self.device)
-                logprobs_BT = selective_log_softmax(
-                    self._logits(self.engine.module, ids_BL, t["attn_BL"].to(self.device)), ids_BL[:, 1:])
-                lm, lm_metrics = sft_loss(logprobs_BT, t["mask_BT"].to(self.device))
-                sft_share = sum(len(c) for c in sft.completion_ids) / sft_denom
-                total = total + d.lm_coef * lm * sft_share
-                sums["lm_nll"] = sums.get("lm_nll", 0.0) + lm_metrics["nll"] * sft_share
+            *minillm_rows, cached, sums = self._minillm_returns(batch, mbs)
+        sums["loss"] = 0.0
+        lm_mbs = self._plan(batch.sft_prompt_ids, batch.sft_completion_ids) if d.lm_coef else []
+        lm_denom = max(sum(len(c) for c in batch.sft_completion_ids), 1)
+        steps = [(mb, k) for k, mb in enumerate(mbs)] + [(mb, None) for mb in lm_mbs]
+        gas = self.engine.gradient_accumulation_steps()
+        for j, (mb, k) in enumerate(steps):
+            self.engine.set_gradient_accumulation_boundary(j == len(steps) - 1)
+            if k is None:  # MiniLLM's language-modelling term on reference solutions
+                lp_1N = selective_log_softmax(self._logits(self.engine.module, mb),
+                                              mb.target_ids_N.to(self.device))[None]
+                lm, lm_metrics = sft_loss(lp_1N, torch.ones_like(lp_1N, dtype=torch.bool))
+                share = len(mb.target_ids_N) / lm_denom
+                total = d.lm_coef * lm * share
+                sums["lm_nll"] = sums.get("lm_nll", 0.0) + lm_metrics["nll"] * share
+            else:
+                loss, metrics = self._distill_loss(batch, mb, minillm_rows, cached[k])
+                share = len(mb.target_ids_N) / denom
+                total = loss * share
+                for key, v in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + v * share
+                sums["loss"] += loss.item() * share
             # DeepSpeed divides by gradient_accumulation_steps; undo it (see Learner.train_step).
-            self.engine.backward(total * self.micro_per_step)
+            self.engine.backward(total * gas)
+            self.engine.step()
+        if not steps:  # every completion empty: the optimizer still takes its (zero) step
+            self.engine.set_gradient_accumulation_boundary(True)
+            self._zero_backward()
             self.engine.step()
         out = {f"train/{k}": v for k, v in sums.items()}
+        out["train/micro_batches"] = float(max(len(steps), 1))
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["train/lr"] = self.scheduler.get_last_lr()[0]
         out["time/learner_compute"] = time.perf_counter() - start
         self.version += 1
         return out
 
-    def _rows(self, prompt_ids, completion_ids):
-        """collate()'d rows on the device: ids_BL, attn_BL, mask_BT and each row's first target."""
-        t = collate(TrainBatch(prompt_ids, completion_ids, [[0.0] * len(c) for c in completion_ids],
-                               [0.0] * len(completion_ids)))
-        offsets = [len(p) - 1 for p in prompt_ids]
-        return (t["input_ids_BL"].to(self.device), t["attn_BL"].to(self.device),
-                t["mask_BT"].to(self.device), offsets)
-
-    def _select(self, batch: DistillBatch, idx: list[int]):
-        return self._rows([batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx])
-
     @torch.no_grad()
-    def _teacher_target(self, ids_BL, attn_BL, mask_BT):
-        """The in-process teachers' (mixed) next-token log-distribution [B, T, V]."""
-        log_p_KBTV = torch.stack([torch.log_softmax(self._logits(m, ids_BL, attn_BL).float(), -1)
-                                  for m in self.teachers])
-        if len(self.teachers) == 1:
-            return log_p_KBTV[0], {}
-        tokens_KBT = log_p_KBTV.gather(-1, ids_BL[None, :, 1:, None].expand(
-            len(self.teachers), -1, -1, 1)).squeeze(-1)
-        w_KB, metrics = self._teacher_weights(tokens_KBT, mask_BT)
-        return mix_teachers(log_p_KBTV, w_KB), metrics
-
-    @torch.no_grad()
-    def _minillm_returns(self, batch: DistillBatch):
-        """Returns R of every row from the pre-update student, whitened over the whole batch
-        (so micro-batching cannot change them), and the teachers' sampled-token logprobs."""
-        d, mbs = self.cfg.distill, self.cfg.learner.micro_batch_size
-        returns, teacher_lps, sums = [], [], {}
+    def _minillm_returns(self, batch: DistillBatch, mbs: list[MicroBatch]):
+        """Every row's returns R, whitened over the whole batch, from the teachers' and the
+        sampler's logprobs; every row's (mixed) teacher logprobs; per micro-batch, the teachers'
+        full log-distributions where the single-step term needs them and they fit the cache
+        (None: recomputed in the loss pass)."""
+        d = self.cfg.distill
+        if len(batch.student_logprobs) != len(batch):
+            raise ValueError(f"MiniLLM needs the sampler's logprobs of all {len(batch)} completions, "
+                             f"got {len(batch.student_logprobs)}")
+        budget = d.teacher_cache_gb * 2**30 if d.single_step else 0.0
+        returns, teacher_lps = [torch.zeros(0)] * len(batch), [torch.zeros(0)] * len(batch)
+        cached, sums = [None] * len(mbs), {}
         tokens = max(sum(len(c) for c in batch.completion_ids), 1)
-        for u0 in range(0, len(batch), mbs):
-            idx = list(range(u0, min(u0 + mbs, len(batch))))
-            ids_BL, attn_BL, mask_BT, offsets = self._select(batch, idx)
-            lp_BT = selective_log_softmax(self._logits(self.engine.module, ids_BL, attn_BL), ids_BL[:, 1:])
+        for k, mb in enumerate(mbs):
+            mask_BT = mb.mask_BT().to(self.device)
             if batch.teacher_logprobs:
-                tlp_KBT = torch.stack([_pad_rows([scores[i] for i in idx], lp_BT, offsets)
+                tlp_KBT = torch.stack([_pad_rows([scores[r] for r in mb.rows], mask_BT)
                                        for scores in batch.teacher_logprobs])
+                w_KB, metrics = self._teacher_weights(tlp_KBT, mask_BT)
+                tlp_BT = mix_teachers(tlp_KBT, w_KB)
             else:
-                tlp_KBT = torch.stack([selective_log_softmax(self._logits(m, ids_BL, attn_BL), ids_BL[:, 1:])
-                                       for m in self.teachers])
-            w_KB, metrics = self._teacher_weights(tlp_KBT, mask_BT)
-            tlp_BT = mix_teachers(tlp_KBT, w_KB)
+                log_p_NV, tlp_N, metrics = self._teacher_pass(mb)
+                tlp_BT = mb.to_BT(tlp_N)
+                size = log_p_NV.numel() * log_p_NV.element_size()
+                if size <= budget:
+                    cached[k], budget = log_p_NV.cpu(), budget - size
+            lp_BT = _pad_rows([batch.student_logprobs[r] for r in mb.rows], mask_BT)
             r_BT, r_metrics = minillm_token_rewards(lp_BT, tlp_BT, mask_BT, gamma=d.gamma,
                                                     length_norm=d.length_norm, from_next=d.single_step)
-            for b, (i, off) in enumerate(zip(idx, offsets, strict=True)):
-                n = len(batch.completion_ids[i])
-                returns.append(r_BT[b, off:off + n].cpu())
-                teacher_lps.append(tlp_BT[b, off:off + n].cpu())
-            share = sum(len(batch.completion_ids[i]) for i in idx) / tokens
-            for k, v in {**metrics, **r_metrics}.items():
-                sums[k] = sums.get(k, 0.0) + v * share
+            for b, r in enumerate(mb.rows):
+                n = len(batch.completion_ids[r])
+                returns[r], teacher_lps[r] = r_BT[b, :n].cpu(), tlp_BT[b, :n].cpu()
+            share = len(mb.target_ids_N) / tokens
+            for key, v in {**metrics, **r_metrics}.items():
+                sums[key] = sums.get(key, 0.0) + v * share
         if d.whiten:
             width = max((len(r) for r in returns), default=0)
             padded_NT = torch.zeros(len(returns), width, dtype=torch.float64)
@@ -188,36 +220,38 @@ class DistillLearner(Learner):
                 padded_NT[i, :len(r)], mask_NT[i, :len(r)] = r, True
             white_NT = whiten(padded_NT, mask_NT)
             returns = [white_NT[i, :len(r)] for i, r in enumerate(returns)]
-        return returns, teacher_lps, sums
+        return returns, teacher_lps, cached, sums
 
-    def _distill_loss(self, batch: DistillBatch, idx: list[int], minillm_rows=None):
+    def _distill_loss(self, batch: DistillBatch, mb: MicroBatch, minillm_rows, cached_NV):
         d, g = self.cfg.distill, self.cfg.grpo
-        ids_BL, attn_BL, mask_BT, offsets = self._select(batch, idx)
-        logits_BTV = self._logits(self.engine.module, ids_BL, attn_BL)
-        teacher_logits_BTV, metrics = None, {}
+        logits_NV = self._logits(self.engine.module, mb)
+        targets_N = mb.target_ids_N.to(self.device)
+        teacher_NV = None
         if self.teachers and (d.objective != DistillObjective.minillm or d.single_step):
-            teacher_logits_BTV, metrics = self._teacher_target(ids_BL, attn_BL, mask_BT)
-        if d.objective == DistillObjective.gkd:
-            loss, m = generalized_jsd_loss(logits_BTV, teacher_logits_BTV, mask_BT, d.jsd_beta, d.temperature)
-            return loss, {**metrics, **m}
-        if d.objective == DistillObjective.forward_kl:
-            loss, m = forward_kl_loss(logits_BTV, teacher_logits_BTV, mask_BT, d.temperature)
-            return loss, {**metrics, **m}
-        logprobs_BT = selective_log_softmax(logits_BTV, ids_BL[:, 1:])
+            teacher_NV = cached_NV.to(self.device) if cached_NV is not None else self._teacher_pass(mb)[0]
+        if d.objective != DistillObjective.minillm:
+            # Full-vocabulary token means: the micro-batch's scored positions form one row.
+            ones_1N = torch.ones(1, len(targets_N), dtype=torch.bool, device=self.device)
+            if d.objective == DistillObjective.gkd:
+                return generalized_jsd_loss(logits_NV[None], teacher_NV[None], ones_1N, d.jsd_beta, d.temperature)
+            return forward_kl_loss(logits_NV[None], teacher_NV[None], ones_1N, d.temperature)
         returns, teacher_lps = minillm_rows
-        returns_BT = _pad_rows([returns[i].tolist() for i in idx], logprobs_BT, offsets)
+        mask_BT = mb.mask_BT().to(self.device)
+        logprobs_BT = mb.to_BT(selective_log_softmax(logits_NV, targets_N))
         weights_BT, mix_metrics = None, {}
         if d.mix_alpha > 0:
-            teacher_lp_BT = _pad_rows([teacher_lps[i].tolist() for i in idx], logprobs_BT, offsets)
+            teacher_lp_BT = _pad_rows([teacher_lps[r].tolist() for r in mb.rows], mask_BT)
             weights_BT, mix_metrics = teacher_mixed_weights(logprobs_BT.detach(), teacher_lp_BT,
                                                             mask_BT, d.mix_alpha)
         loss, m = minillm_loss(
-            logprobs_BT, logprobs_BT.detach(), returns_BT, mask_BT,
-            clip_low=g.clip_low, clip_high=g.clip_high, weights_BT=weights_BT,
-            student_logits_BTV=logits_BTV if teacher_logits_BTV is not None else None,
-            teacher_logits_BTV=teacher_logits_BTV,
+            logprobs_BT, logprobs_BT.detach(), _pad_rows([returns[r].tolist() for r in mb.rows], mask_BT),
+            mask_BT, clip_low=g.clip_low, clip_high=g.clip_high, weights_BT=weights_BT,
+            rollout_logprobs_BT=_pad_rows([batch.student_logprobs[r] for r in mb.rows], mask_BT),
+            tis_cap=g.tis_cap or None,
+            student_logits_NV=logits_NV if teacher_NV is not None else None,
+            teacher_logits_NV=teacher_NV,
             single_step_coef=d.single_step_coef,
-            task_advantages_B=torch.tensor([batch.task_advantages[i] for i in idx], device=self.device),
+            task_advantages_B=torch.tensor([batch.task_advantages[r] for r in mb.rows], device=self.device),
             task_coef=d.task_coef)
         return loss, {**mix_metrics, **m}  # teacher weights were logged by _minillm_returns
 
@@ -227,16 +261,13 @@ class DistillLearner(Learner):
     def teacher_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
                          ) -> list[list[list[float]]]:
         """log p_k of every completion token for each in-process teacher: [K][N] ragged."""
-        out: list[list[list[float]]] = [[] for _ in self.teachers]
-        mbs = self.cfg.learner.micro_batch_size
-        for u0 in range(0, len(prompt_ids), mbs):
-            p, c = prompt_ids[u0:u0 + mbs], completion_ids[u0:u0 + mbs]
-            t = collate(TrainBatch(p, c, [[0.0] * len(x) for x in c], [0.0] * len(c)))
-            ids_BL, attn_BL = t["input_ids_BL"].to(self.device), t["attn_BL"].to(self.device)
+        out: list[list[list[float]]] = [[[] for _ in completion_ids] for _ in self.teachers]
+        for mb in self._plan(prompt_ids, completion_ids):
+            targets_N = mb.target_ids_N.to(self.device)
             for k, teacher in enumerate(self.teachers):
-                lp_BT = selective_log_softmax(self._logits(teacher, ids_BL, attn_BL), ids_BL[:, 1:]).cpu()
-                out[k] += [lp_BT[b, len(pb) - 1:len(pb) - 1 + len(cb)].tolist()
-                           for b, (pb, cb) in enumerate(zip(p, c, strict=True))]
+                lp_BT = mb.to_BT(selective_log_softmax(self._logits(teacher, mb), targets_N)).cpu()
+                for b, r in enumerate(mb.rows):
+                    out[k][r] = lp_BT[b, :len(completion_ids[r])].tolist()
         return out
 
     @torch.no_grad()

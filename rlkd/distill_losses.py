@@ -7,7 +7,7 @@ input; the teacher side never gets a gradient.
 
 MiniLLM (Gu et al. 2024, "MiniLLM: Knowledge Distillation of Large Language Models") has four
 components; here they are:
-  - single-step decomposition (`minillm_loss(student_logits_BTV=...)`): ON by default. The
+  - single-step decomposition (`minillm_loss(student_logits_NV=...)`): ON by default. The
     reward of the current token is taken in exact expectation over the full vocabulary, which
     removes most of the variance; the policy gradient then carries only future rewards
     (`minillm_token_rewards(from_next=True)`).
@@ -229,8 +229,10 @@ def minillm_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.2,
     weights_BT: torch.Tensor | None = None,
-    student_logits_BTV: torch.Tensor | None = None,
-    teacher_logits_BTV: torch.Tensor | None = None,
+    rollout_logprobs_BT: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+    student_logits_NV: torch.Tensor | None = None,
+    teacher_logits_NV: torch.Tensor | None = None,
     single_step_coef: float = 1.0,
     task_advantages_B: torch.Tensor | None = None,
     task_coef: float = 0.0,
@@ -242,9 +244,14 @@ def minillm_loss(
             + single_step_coef * w_t * KL(q_S(.|y_<t) || p_T(.|y_<t))
       - R_t: MiniLLM returns (`minillm_token_rewards`), detached.
       - PPO clipping (Schulman et al. 2017), which the paper uses to stabilise the update.
-      - w_t: teacher-mixed importance weights (`teacher_mixed_weights`); 1 if None.
+      - w_t: teacher-mixed importance weights (`teacher_mixed_weights`; 1 if None) times the
+        truncated importance weight min(exp(old_t - rollout_t), tis_cap) for the sampler-vs-
+        learner mismatch, as in `rlkd.losses.grpo_loss` (Yao et al. 2025); without rollout
+        logprobs or with tis_cap None/0 that factor is 1 (the mismatch is still reported).
       - the KL term is the single-step part, exact over the full vocabulary; it is on when
-        both logits are given (the teacher's get no gradient).
+        both logits are given (the teacher's get no gradient). They are [N, V], the rows of
+        the valid tokens in row-major order (``logits_BTV[mask_BT]``), so a packed learner
+        never builds a padded [B, T, V] tensor.
       - A_task: sequence advantages of a task reward (e.g. GRPO group advantages of GSM8K
         correctness), so GRPO and distillation are one objective; off at task_coef = 0.
     """
@@ -257,18 +264,28 @@ def minillm_loss(
     surr_BT = ratio_BT * adv_BT
     clipped_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high) * adv_BT
     w_BT = torch.ones_like(ratio_BT) if weights_BT is None else weights_BT.detach().to(ratio_BT.dtype)
+    metrics = {}
+    if rollout_logprobs_BT is not None:
+        with torch.no_grad():
+            log_tis_BT = torch.where(mask, _acc(old_logprobs_BT) - _acc(rollout_logprobs_BT), 0.0)
+            metrics["logp_mismatch"] = _masked_mean(log_tis_BT.abs(), mask)
+            if tis_cap:
+                tis_BT = log_tis_BT.exp()
+                metrics["tis_clip_frac"] = _masked_mean((tis_BT > tis_cap).float(), mask)
+                w_BT = w_BT * tis_BT.clamp(max=tis_cap).to(w_BT.dtype)
     per_token_BT = -w_BT * torch.minimum(surr_BT, clipped_BT)
     n = mask.sum().clamp(min=1)
     pg = torch.where(mask, per_token_BT, 0.0).sum() / n
-    metrics = {
+    metrics.update({
         "pg_loss": pg.item(),
         "clip_frac": _masked_mean((clipped_BT < surr_BT).float(), mask),
         "ratio_mean": _masked_mean(ratio_BT, mask),
         "advantage_mean": _masked_mean(adv_BT, mask),
-    }
+    })
     loss = pg
-    if student_logits_BTV is not None and teacher_logits_BTV is not None:
-        log_q, log_p, _ = _valid_log_softmaxes(student_logits_BTV, teacher_logits_BTV, mask, 1.0)
+    if student_logits_NV is not None and teacher_logits_NV is not None:
+        log_q = torch.log_softmax(_acc(student_logits_NV), dim=-1)
+        log_p = torch.log_softmax(_acc(teacher_logits_NV.detach()), dim=-1)
         kl_N = _kl_N(log_q, log_p)
         single = (w_BT[mask] * kl_N).sum() / n
         metrics["single_step_kl"] = (kl_N.detach().sum() / n).item()

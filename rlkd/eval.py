@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 from rlkd.answer import answers_match, extract_answer
 from rlkd.compose import from_cli
 from rlkd.config import Config, ConfigError, DataConfig, InputError
-from rlkd.data import Example, build_prompt, load_split
+from rlkd.data import Example, build_prompt, load_split, split_held_out
+from rlkd.hardware import rollout_dtype
 from rlkd.models import count_parameters, resolve_model
 from rlkd.preflight import check_context, check_prompt_lengths
 from rlkd.rollout import Generation, RolloutWorker, SamplingSpec
@@ -142,7 +143,10 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
         return compare(*cfg.eval.compare, out=run_dir / "comparison.json")
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir or None)
     check_context(str(model_path), cfg.model.max_model_len)
-    examples = load_split(cfg.data, cfg.data.split, limit=cfg.eval.num_samples)
+    examples = load_split(cfg.data, cfg.data.split)
+    if cfg.data.held_out:  # the slice a training run held out of this split
+        examples = split_held_out(cfg.data, examples)[1]
+    examples = examples[:cfg.eval.num_samples] if cfg.eval.num_samples > 0 else examples
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_prompt_lengths(tokenizer, examples, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
     spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens,
@@ -150,7 +154,7 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
     start = time.perf_counter()
     with PeakMemory() as mem:
         worker = RolloutWorker(str(model_path), max_model_len=cfg.model.max_model_len,
-                               dtype=cfg.rollout.dtype, enforce_eager=cfg.rollout.enforce_eager,
+                               dtype=rollout_dtype(cfg), enforce_eager=cfg.rollout.enforce_eager,
                                kv_cache_gb=cfg.rollout.kv_cache_gb, seed=cfg.run.seed,
                                use_gpu=cfg.rollout.gpus_per_actor > 0,
                                gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)

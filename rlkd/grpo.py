@@ -21,15 +21,22 @@ import torch
 from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 
-from rewards import compute_rewards
-from rlkd.config import Config
-from rlkd.data import PromptSampler, build_prompt
+from rlkd.config import Config, Overlong
+from rlkd.data import PromptSampler
 from rlkd.eval import score
+from rlkd.hardware import resolve_rollout_dtype
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.losses import group_advantages
 from rlkd.placement import Placement, local_num_cpus, plan, reserve
 from rlkd.preflight import load_inputs, reward_name
-from rlkd.recovery import RolloutGuard, count_bad_steps, learner_died, shutdown
+from rlkd.recovery import (
+    RolloutGuard,
+    SignalGuard,
+    SignalLostError,
+    count_bad_steps,
+    learner_died,
+    shutdown,
+)
 from rlkd.resume import (
     checkpoint_step,
     driver_state,
@@ -38,6 +45,7 @@ from rlkd.resume import (
     truncate_metrics,
 )
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded, nccl_world_size
+from rlkd.sampling import sample_step
 from rlkd.tracking import Timer, Tracker, plot_curves
 
 # Environment every actor (and the vLLM processes it spawns) starts with.
@@ -90,11 +98,13 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list[r
 
 def start_rollouts(cfg: Config, model_path: str, placement: Placement) -> list[ray.actor.ActorHandle]:
     """rollout.num_actors vLLM engines in their bundles, started (blocks until they are)."""
+    dtype, why = resolve_rollout_dtype(cfg.rollout.dtype.value, gpu=cfg.rollout.gpus_per_actor > 0)
+    print(f"[rlkd] rollout precision: {dtype} ({why})", flush=True)
     rollouts = [
         RolloutActor.options(**placement.options(slot), max_restarts=cfg.rollout.max_restarts).remote(
             model_path,
             max_model_len=cfg.model.max_model_len,
-            dtype=cfg.rollout.dtype,
+            dtype=dtype,
             enforce_eager=cfg.rollout.enforce_eager,
             kv_cache_gb=cfg.rollout.kv_cache_gb,
             gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
@@ -200,6 +210,10 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
     tracker = Tracker(run_dir, purge_step=start_step + 1)
     spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    def generate(prompts, spec):
+        return guard("generate", partial(generate_sharded, actors.rollouts, prompts, spec))
+
+    signal_guard = SignalGuard(t, reward_fns)
     eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     metrics: dict[str, float] = {}
     step = done = saved = start_step  # current, last finished and last checkpointed step
@@ -220,24 +234,19 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
             bar.write(f"rlkd: resumed from {resume_from}")
         for step in bar:
             timer, start = Timer(), time.perf_counter()
-            examples = sampler.next(g.prompts_per_step)
-            prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
-            spec.seed = cfg.run.seed * 1_000_003 + step
             with timer("generate"):
-                gen = guard("generate", partial(generate_sharded, actors.rollouts, prompts, spec))
+                ro = sample_step(cfg, sampler, tokenizer, generate, reward_fns, reward_weights, spec, step)
             with timer("reward"):
-                rewards_N, per_fn, errors = compute_rewards(
-                    reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
-                    prompts=repeat_each(prompts, g.group_size),
-                    answer=repeat_each([ex.answer for ex in examples], g.group_size),
-                    question=repeat_each([ex.question for ex in examples], g.group_size),
-                )
                 advantages_N, adv_metrics = group_advantages(
-                    torch.tensor(rewards_N), g.group_size, scale=g.adv_scale.value)
+                    torch.tensor(ro.rewards_N), g.group_size, scale=g.adv_scale.value)
+            gen = ro.gen
+            # Overlong filtering: a cut-off completion keeps its place (ranks shard by position)
+            # but no tokens, so no loss term and no share of any denominator.
+            masked = [g.overlong == Overlong.mask and cut for cut in gen.truncated]
             batch = TrainBatch(
                 prompt_ids=repeat_each(gen.prompt_ids, g.group_size),
-                completion_ids=gen.completion_ids,
-                rollout_logprobs=gen.logprobs,
+                completion_ids=[[] if m else c for c, m in zip(gen.completion_ids, masked, strict=True)],
+                rollout_logprobs=[[] if m else lp for lp, m in zip(gen.logprobs, masked, strict=True)],
                 advantages=advantages_N.tolist(),
             )
             with timer("train"):
@@ -248,20 +257,15 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
 
             lengths = [len(c) for c in gen.completion_ids]
             metrics.update(timer.metrics())
+            metrics.update(ro.metrics)
             metrics["rollout/failures"] = guard.failures
             metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
             metrics.update({
-                "reward/total_mean": sum(rewards_N) / len(rewards_N),
                 "completion/mean_tokens": sum(lengths) / len(lengths),
                 "completion/truncated_frac": sum(gen.truncated) / len(gen.truncated),
-                "rollout/tokens_per_s": gen.num_tokens / max(gen.seconds, 1e-9),
+                "rollout/tokens_per_s": ro.metrics["sampling/tokens_generated"] / max(gen.seconds, 1e-9),
                 "time/step": time.perf_counter() - start,
             })
-            for name, scores in per_fn.items():
-                finite = [s for s in scores if s == s]
-                metrics[f"reward/{name}"] = sum(finite) / max(len(finite), 1)
-                if errors.get(name):
-                    metrics[f"reward_errors/{name}"] = errors[name]
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                 _, eval_metrics = guard("eval", partial(
                     score, partial(generate_sharded, actors.rollouts), tokenizer, eval_set,
@@ -273,6 +277,11 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                 checkpoint()
             tracker.log(step, metrics)
             bar.set_postfix(_postfix(metrics))
+            stop = signal_guard.check(step, metrics)
+            if stop:
+                if saved < done:
+                    checkpoint()
+                raise SignalLostError(f"{stop}; checkpoint-{saved} in {run_dir} holds step {saved}")
         if saved < done:
             checkpoint()
     except (RayActorError, OutOfMemoryError) as e:  # the guard handles rollouts': the learner died

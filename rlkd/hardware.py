@@ -1,4 +1,4 @@
-"""What the hardware supports, decided once per process: the learner's compute precision."""
+"""What the hardware supports, decided once per process: the learner's and vLLM's precision."""
 
 from __future__ import annotations
 
@@ -38,3 +38,25 @@ def resolve_learner_dtype(name: str, *, cuda: bool | None = None,
     if flags:
         return "autocast_bf16", f"learner.dtype=auto: CPU has {', '.join(flags)}"
     return "float32", "learner.dtype=auto: CPU has no avx512_bf16/amx_bf16, bf16 would be emulated"
+
+
+def resolve_rollout_dtype(name: str, *, gpu: bool, cpuinfo: str | None = None) -> tuple[str, str]:
+    """(vLLM weight dtype, why) for `rollout.dtype`.
+
+    `auto` picks bfloat16 on GPUs and on CPUs with AVX-512-bf16 or AMX, where vLLM's CPU kernels
+    run bf16 natively (on a 2-core AVX-512-bf16 machine: 1.4x the tokens/s of fp32 at a GRPO
+    step's batch of 16, 1.6x at an evaluation batch of 64); fp32 elsewhere. Explicit values win.
+    """
+    if name != "auto":
+        return name, "set by rollout.dtype"
+    if gpu:
+        return "bfloat16", "rollout.dtype=auto: GPU"
+    flags = cpu_bf16_flags(cpuinfo)
+    if flags:
+        return "bfloat16", f"rollout.dtype=auto: CPU has {', '.join(flags)}"
+    return "float32", "rollout.dtype=auto: CPU has no avx512_bf16/amx_bf16"
+
+
+def rollout_dtype(cfg) -> str:
+    """The vLLM weight dtype `cfg.rollout.dtype` resolves to on this machine."""
+    return resolve_rollout_dtype(cfg.rollout.dtype.value, gpu=cfg.rollout.gpus_per_actor > 0)[0]

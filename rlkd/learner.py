@@ -21,7 +21,7 @@ from safetensors.torch import save, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.config import REPO_ROOT, Config
-from rlkd.hardware import resolve_learner_dtype
+from rlkd.hardware import resolve_learner_dtype, rollout_dtype
 from rlkd.losses import grpo_loss, selective_log_softmax, sft_loss
 from rlkd.packing import (
     MicroBatch,
@@ -409,7 +409,7 @@ class Learner:
     def _named_weights(self) -> dict[str, torch.Tensor]:
         """Parameters only: tied lm_head is shared with embed_tokens and vLLM re-ties it."""
         params = dict(self.engine.module.named_parameters())
-        dtype = DTYPES[self.cfg.rollout.dtype]
+        dtype = DTYPES[rollout_dtype(self.cfg)]
         # ZeRO-3 shards parameters across ranks; gather them for the export.
         gather = deepspeed.zero.GatheredParameters(list(params.values())) if self.zero3 else nullcontext()
         with gather:

@@ -215,3 +215,24 @@ def sft_loss(
     """
     loss = aggregate(-logprobs_BT, mask_BT, "token_mean")
     return loss, {"nll": loss.item(), "num_tokens": float(mask_BT.bool().sum().item())}
+
+
+def overlong_penalty(
+    lengths_N: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DAPO's soft overlong punishment, a reward added per completion (Yu et al. 2025, Eq. 13).
+
+      R_len(L) = 0                                       if L <= max_len - buffer
+               = -penalty * (L - (max_len - buffer)) / buffer   if max_len - buffer < L < max_len
+               = -penalty                                if L >= max_len (cut at the cap)
+    It tells a long answer apart from a cut-off one gradually, instead of scoring every
+    truncated sample as wrong (reward noise). With buffer = 0 only capped completions pay.
+    """
+    L = lengths_N.to(torch.float64)
+    if buffer > 0:
+        out_N = -penalty * ((L - (max_len - buffer)) / buffer).clamp(0.0, 1.0)
+    else:
+        out_N = torch.where(L >= max_len, -penalty, 0.0).to(torch.float64)
+    affected = (out_N < 0).double()
+    return out_N, {"overlong_frac": affected.mean().item() if len(L) else 0.0,
+                   "overlong_penalty_mean": out_N.mean().item() if len(L) else 0.0}

@@ -179,12 +179,11 @@ def enable_segment_attention(model) -> None:
     model.set_attn_implementation(SEGMENT_ATTENTION)
 
 
-def score_micro_batch(model, mb: MicroBatch, temperature: float,
-                      autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """Logprobs of every scored target of `mb` under `model`: [N], fp32.
+def micro_batch_logits(model, mb: MicroBatch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Next-token logits at the N scored positions of `mb`: [N, V] (lm_head's dtype).
 
-    The decoder runs over the packed row (under bf16 autocast when asked); only the N scored
-    hidden states go through lm_head, and the temperature and log-softmax are applied in fp32.
+    The decoder runs over the packed row (under bf16 autocast when asked) and only the N scored
+    hidden states go through lm_head, so no [B, L, V] tensor is built.
     """
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -192,5 +191,12 @@ def score_micro_batch(model, mb: MicroBatch, temperature: float,
         hidden_1LH = model.get_decoder()(
             input_ids=mb.input_ids_1L.to(device), position_ids=mb.position_ids_1L.to(device),
             use_cache=False, segments=mb.segments).last_hidden_state
-        logits_NV = model.get_output_embeddings()(hidden_1LH[0].index_select(0, mb.score_pos_N.to(device)))
-    return selective_log_softmax(logits_NV, mb.target_ids_N.to(device), temperature=temperature)
+        return model.get_output_embeddings()(hidden_1LH[0].index_select(0, mb.score_pos_N.to(device)))
+
+
+def score_micro_batch(model, mb: MicroBatch, temperature: float,
+                      autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Logprobs of every scored target of `mb` under `model`: [N], fp32, the temperature and
+    log-softmax applied in fp32 (`micro_batch_logits`)."""
+    logits_NV = micro_batch_logits(model, mb, autocast_dtype)
+    return selective_log_softmax(logits_NV, mb.target_ids_N.to(logits_NV.device), temperature=temperature)

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from rewards import load_reward
 from rlkd.config import Config, InputError
-from rlkd.data import Example, build_prompt, load_split
+from rlkd.data import Example, build_prompt, load_split, split_held_out
 from rlkd.models import resolve_model
 
 
@@ -36,8 +36,11 @@ def load_inputs(cfg: Config) -> Inputs:
     model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
     check_context(model_path, cfg.model.max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    train_set = load_split(cfg.data, cfg.data.split)
-    eval_set = load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples) if t.eval_every else []
+    train_set, held_out = split_held_out(cfg.data, load_split(cfg.data, cfg.data.split))
+    eval_set = []
+    if t.eval_every:
+        eval_set = (held_out[:t.eval_samples] if held_out
+                    else load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples))
     check_prompt_lengths(tokenizer, train_set, cfg, "rollout.max_new_tokens", cfg.rollout.max_new_tokens)
     check_prompt_lengths(tokenizer, eval_set, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
     reward_fns = {reward_name(spec): load_reward(spec) for spec in cfg.rewards.funcs}

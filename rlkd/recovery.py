@@ -1,10 +1,14 @@
-"""Surviving actor failures.
+"""Surviving actor failures, and stopping runs that can no longer learn.
 
 A rollout actor that dies mid-step (its process killed, OOM, its vLLM engine dead) is restarted
 by Ray (`max_restarts`), brought back to the learner's current weights, and the step's
 generation or weight sync is retried; after `rollout.max_restarts` failures the run stops with
 a one-line error. The learner holds the only copy of the optimizer state, so its death stops
 the run, pointing at the last checkpoint to resume from.
+
+`SignalGuard` stops a run that trains on nothing (every group at equal reward for many steps:
+silent all-zero rewards are the commonest RL failure) or on the wrong policy (the sampler's
+logprobs drifting from the learner's: weights that did not arrive), in one line.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ray.exceptions import (
     RayTaskError,
 )
 
-from rlkd.config import RunStopped
+from rlkd.config import RunStopped, TrainerConfig
 from rlkd.resume import checkpoint_step, complete_checkpoints
 
 logger = logging.getLogger("rlkd.recovery")
@@ -117,6 +121,41 @@ def count_bad_steps(bad_steps: int, skipped: float, step: int, max_bad_steps: in
             f"{bad_steps} consecutive steps (up to step {step}) skipped for a NaN/inf loss or "
             f"gradient (trainer.max_bad_steps={max_bad_steps}); checkpoints are left as they were")
     return bad_steps
+
+
+class SignalLostError(RunStopped):
+    """Training stopped carrying signal (no reward variance) or left the sampler's policy."""
+
+
+class SignalGuard:
+    """Consecutive-step counters behind trainer.max_zero_signal_steps and max_logp_mismatch."""
+
+    def __init__(self, t: TrainerConfig, reward_fns: dict):
+        self.t, self.names = t, list(reward_fns)
+        self.zero_signal = self.mismatched = 0
+
+    def check(self, step: int, metrics: dict[str, float]) -> str | None:
+        """Why the run must stop after this step's metrics, or None."""
+        t = self.t
+        self.zero_signal = self.zero_signal + 1 if metrics.get("adv/frac_zero_std_groups") == 1.0 else 0
+        mismatch = metrics.get("train/logp_mismatch", 0.0)
+        self.mismatched = self.mismatched + 1 if t.max_logp_mismatch and mismatch > t.max_logp_mismatch else 0
+        if t.max_zero_signal_steps and self.zero_signal >= t.max_zero_signal_steps:
+            scores = ", ".join(
+                f"{n} mean {metrics.get(f'reward/{n}', float('nan')):.3f}"
+                + (f" (no answer parsed in {metrics[f'reward/{n}_unparsed']:.0%})"
+                   if f"reward/{n}_unparsed" in metrics else "")
+                for n in self.names)
+            return (f"{self.zero_signal} consecutive steps (up to step {step}) had every group at equal "
+                    f"reward, so no gradient (trainer.max_zero_signal_steps={t.max_zero_signal_steps}); "
+                    f"rewards: {scores}. Check the rewards and the prompt format, or use "
+                    "grpo.dynamic_sampling=true")
+        if self.mismatched >= t.logp_mismatch_steps:
+            return (f"train/logp_mismatch={mismatch:.3g} above trainer.max_logp_mismatch={t.max_logp_mismatch} "
+                    f"for {self.mismatched} consecutive steps (up to step {step}): the rollout engine no "
+                    "longer samples the learner's policy (weights that did not arrive, or an engine that "
+                    "diverged)")
+        return None
 
 
 def learner_died(error: RayError, step: int, run_dir: Path) -> LearnerDiedError:

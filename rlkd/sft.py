@@ -27,9 +27,10 @@ from transformers import AutoTokenizer
 
 from rlkd.config import Config, ConfigError, SFTTarget
 from rlkd.cot import gold_text
-from rlkd.data import build_prompt, load_split
+from rlkd.data import build_prompt, load_split, split_held_out
 from rlkd.eval import score
 from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
+from rlkd.hardware import rollout_dtype
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.models import resolve_model
 from rlkd.recovery import actor_died, shutdown
@@ -65,15 +66,19 @@ def read_dataset(path: str) -> list[dict]:
 
 
 def sft_examples(cfg: Config) -> list[SFTExample]:
+    """The training examples, without the questions data.held_out keeps for evaluation."""
     s = cfg.sft
     answer_only = s.target == SFTTarget.answer_only
+    train, held = split_held_out(cfg.data, load_split(cfg.data, cfg.data.split))
     if s.data:
         rows = read_dataset(s.data)
         out = [SFTExample(r["id"], r["question"], f"#### {r['gold']}" if answer_only else r["text"].strip())
                for r in rows]
     else:
         out = [SFTExample(ex.id, ex.question, f"#### {ex.answer}" if answer_only else gold_text(ex, s.strip_calculator))
-               for ex in load_split(cfg.data, cfg.data.split)]
+               for ex in train]
+    held_ids = {ex.id for ex in held}
+    out = [ex for ex in out if ex.id not in held_ids]
     return out[:s.num_examples] if s.num_examples > 0 else out
 
 
@@ -120,7 +125,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     if t.max_steps > 0:
         plan = plan[:t.max_steps]
     eval_acc = bool(t.eval_every and s.eval_accuracy)
-    eval_set = load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples) if eval_acc else []
+    eval_set = []
+    if eval_acc:
+        eval_set = (split_held_out(cfg.data, load_split(cfg.data, cfg.data.split))[1][:t.eval_samples]
+                    if cfg.data.held_out else load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples))
     print(f"sft: {len(data)} examples ({dropped} longer than sft.max_seq_len dropped), {held_out} held out, "
           f"{len(plan)} steps of {s.batch_size}, target={s.target.value}, packing={s.packing}")
     (run_dir / "sft_data.json").write_text(json.dumps(
@@ -131,7 +139,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
         cfg, model_path, master_port=free_port())
     rollouts = [RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
-        model_path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
+        model_path, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
         enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
         use_gpu=cfg.rollout.gpus_per_actor > 0, seed=cfg.run.seed)] if eval_acc else []

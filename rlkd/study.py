@@ -38,6 +38,7 @@ from pathlib import Path
 from rlkd.compose import changes, hydra_value, load_config
 from rlkd.config import Config, ConfigError, RunStopped, StudyConfig, StudyScale
 from rlkd.config import StudyVariant as V
+from rlkd.hardware import rollout_dtype
 from rlkd.study_report import Row, write_report
 
 VARIANTS: dict[V, str] = {
@@ -353,7 +354,7 @@ class Study:
     def rows(self, seed: int) -> list[Row]:
         """The report's rows for one seed, in the order of VARIANTS."""
         d, base, final = f"seed-{seed}", self.s.rl_base.value, self.final().value
-        vllm = f"vLLM, {self.cfg.rollout.dtype}"
+        vllm = f"vLLM, {rollout_dtype(self.cfg)}"
         rows = []
         for v in VARIANTS:
             if v not in self.on:

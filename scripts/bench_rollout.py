@@ -30,13 +30,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.compose import load_config
 from rlkd.grpo import init_ray
+from rlkd.hardware import rollout_dtype
 from rlkd.models import resolve_model
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
 
 
 def engine_kwargs(cfg, gpu: bool) -> dict:
     """The vLLM settings rlkd's RolloutWorker uses, so (a) and (b) run the same engine."""
-    kw = {"dtype": cfg.rollout.dtype, "max_model_len": cfg.model.max_model_len,
+    kw = {"dtype": rollout_dtype(cfg), "max_model_len": cfg.model.max_model_len,
           "enforce_eager": cfg.rollout.enforce_eager, "seed": cfg.run.seed}
     if gpu:
         kw["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
@@ -58,7 +59,7 @@ def timed(fn, repeats: int) -> tuple[float, int, list[float]]:
 def bench_rlkd(cfg, model_path: str, prompts: list[str], args, gpu: bool) -> tuple[float, int, list[float]]:
     init_ray(cfg)
     actor = RolloutActor.options(num_cpus=0, num_gpus=1 if gpu else 0).remote(
-        model_path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
+        model_path, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
         enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, use_gpu=gpu, seed=cfg.run.seed)
     try:

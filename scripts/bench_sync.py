@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.compose import load_config
 from rlkd.grpo import init_ray
+from rlkd.hardware import rollout_dtype
 from rlkd.learner import LearnerActor
 from rlkd.models import count_parameters, resolve_model
 from rlkd.rollout import RolloutActor
@@ -78,7 +79,7 @@ def bench_size(cfg, model_path: str, transports: list[str], repeats: int, gpu: b
     share = 0.5 if gpu else 0
     learner = LearnerActor.options(num_cpus=0, num_gpus=share).remote(cfg, model_path, master_port=free_port())
     rollout = RolloutActor.options(num_cpus=0, num_gpus=share).remote(
-        model_path, max_model_len=cfg.model.max_model_len, dtype=cfg.rollout.dtype,
+        model_path, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
         enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, use_gpu=gpu, seed=cfg.run.seed)
     try:
@@ -136,7 +137,7 @@ def main() -> None:
     headers = ["model", "params (M)", "transport", "export s", "load s", "total s"]
     rows = [[size, r["params"] / 1e6, t, s.get("export", float("nan")), s.get("load", float("nan")), s["total"]]
             for size, r in results.items() for t, s in r["transports"].items()]
-    title = f"weight sync: {cfg.rollout.dtype} weights, {args.repeats} timed syncs each, {'GPU' if gpu else 'CPU'}"
+    title = f"weight sync: {rollout_dtype(cfg)} weights, {args.repeats} timed syncs each, {'GPU' if gpu else 'CPU'}"
     print_table(title, headers, rows)
     step_s, loop_sync_s, source = step_time(args)
     ratios, targets = {}, []
@@ -157,7 +158,7 @@ def main() -> None:
     write_result(args.out, "bench_sync", {
         "title": title,
         "settings": {"sizes": args.sizes, "repeats": args.repeats, "transports": transports,
-                     "dtype": cfg.rollout.dtype, "step_seconds": step_s, "step_source": source,
+                     "dtype": rollout_dtype(cfg), "step_seconds": step_s, "step_source": source,
                      "quick": args.quick, "device": "gpu" if gpu else "cpu"},
         "results": results,
         "table": {"headers": headers, "rows": rows},

@@ -1,5 +1,6 @@
 """The distillation learner, pruning and the vocabulary check on tiny random Llamas (real
-DeepSpeed, gloo, CPU)."""
+DeepSpeed, gloo, CPU). The step itself is checked against a from-scratch reference in
+test_distill_reference.py."""
 
 import math
 import random
@@ -68,44 +69,19 @@ def _batch(n=8, seed=0, teachers=1) -> DistillBatch:
     comps[3] = []  # an empty completion contributes nothing and must not break the step
     scores = [[[-rng.random() * 4 for _ in c] for c in comps] for _ in range(teachers)]
     return DistillBatch(prompts, comps, scores, [rng.gauss(0, 1) for _ in range(n)],
-                        sft_prompt_ids=prompts, sft_completion_ids=[c or [2] for c in comps])
+                        sft_prompt_ids=prompts, sft_completion_ids=[c or [2] for c in comps],
+                        student_logprobs=[[-rng.random() * 4 for _ in c] for c in comps])
 
 
 def _learner(student, teachers, *overrides) -> DistillLearner:
     cfg = load_config("minillm_gsm8k", ["grpo.group_size=4", "grpo.prompts_per_step=2",
                                         "learner.lr=1e-3", "rollout.max_new_tokens=16",
-                                        "student.init=model", *overrides])
+                                        "student.init=model", "learner.dtype=float32", *overrides])
     return DistillLearner(cfg, student, teachers, V, master_port=PORT)
 
 
 def _params(learner):
     return {k: v.detach().clone() for k, v in learner.engine.module.named_parameters()}
-
-
-@pytest.mark.parametrize("overrides", [
-    (),  # MiniLLM: policy gradient + single-step KL, teachers in the learner
-    ("distill.single_step=false", "distill.task_coef=0.5", "distill.lm_coef=0.3"),
-    ("distill.mix_alpha=0.2",),
-    ("distill.objective=gkd",),
-    ("distill.objective=forward_kl", "distill.temperature=2.0"),
-])
-def test_micro_batches_equal_one_full_batch_step(tiny, overrides):
-    student, teacher = tiny
-    batch = _batch()
-    full = _learner(student, [teacher], "learner.micro_batch_size=8", *overrides)
-    before = _params(full)
-    metrics = full.distill_step(batch)
-    micro = _learner(student, [teacher], "learner.micro_batch_size=3", *overrides)
-    micro_metrics = micro.distill_step(batch)
-    assert metrics["train/grad_norm"] > 0
-    assert micro_metrics["train/loss"] == pytest.approx(metrics["train/loss"], rel=1e-4, abs=1e-6)
-    after = dict(full.engine.module.named_parameters())
-    assert any(not torch.equal(before[k], after[k]) for k in before)
-    for (name, a), (_, b) in zip(full.engine.module.named_parameters(),
-                                 micro.engine.module.named_parameters(), strict=True):
-        # Adam's first step moves each weight by ~lr = 1e-3 whatever the gradient's size, so
-        # a wrong micro-batch weighting shows at that scale; summation order gives ~1e-6.
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_in_process_teacher_scores_equal_shipped_ones(tiny):
@@ -155,7 +131,7 @@ def test_teacher_logprobs_and_confidence_weighting_with_two_teachers(tiny, tmp_p
         expected = lp[len(batch.prompt_ids[i]) - 1:].tolist()
         assert scores[1][i] == pytest.approx(expected, abs=1e-5)
     metrics = learner.distill_step(DistillBatch(batch.prompt_ids, batch.completion_ids, scores,
-                                                batch.task_advantages))
+                                                batch.task_advantages, student_logprobs=batch.student_logprobs))
     assert 0 < metrics["train/teacher_weight_0"] < 1
     assert metrics["train/teacher_weight_0"] + metrics["train/teacher_weight_1"] == pytest.approx(1)
 

@@ -257,8 +257,8 @@ def ref_minillm_loss(logp, old, returns, mask, clip_low, clip_high, w, kl, task_
     return total / max(n, 1)
 
 
-@pytest.mark.parametrize("single_step", [False, True])
-def test_minillm_loss_matches_loop_values_and_grads(single_step):
+@pytest.mark.parametrize("single_step,tis", [(False, False), (True, False), (True, True)])
+def test_minillm_loss_matches_loop_values_and_grads(single_step, tis):
     g = torch.Generator().manual_seed(26)
     logits = random_logits(27, B=4, T=5).requires_grad_()
     teacher = random_logits(28, B=4, T=5).requires_grad_()
@@ -271,7 +271,13 @@ def test_minillm_loss_matches_loop_values_and_grads(single_step):
     kw = dict(clip_low=0.2, clip_high=0.28, weights_BT=w, task_advantages_B=task_adv,
               task_coef=0.5, single_step_coef=0.7)
     if single_step:
-        kw.update(student_logits_BTV=logits, teacher_logits_BTV=teacher)
+        kw.update(student_logits_NV=logits[MASK_BT], teacher_logits_NV=teacher[MASK_BT])
+    w_ref = w
+    if tis:
+        # The sampler's logprobs, some far enough from old that the cap of 1.5 bites.
+        rollout = old.detach() + torch.randn(4, 5, generator=g, dtype=torch.float64) * 0.6
+        kw.update(rollout_logprobs_BT=rollout, tis_cap=1.5)
+        w_ref = w * torch.exp(old.detach() - rollout).clamp(max=1.5)
     loss, metrics = minillm_loss(logp, old, returns, MASK_BT, **kw)
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
 
@@ -279,7 +285,7 @@ def test_minillm_loss_matches_loop_values_and_grads(single_step):
         log_q, log_p = torch.log_softmax(logits[b, t], -1), torch.log_softmax(teacher[b, t].detach(), -1)
         return (log_q.exp() * (log_q - log_p)).sum()
 
-    ref = ref_minillm_loss(logp, old, returns, MASK_BT, 0.2, 0.28, w, kl if single_step else None,
+    ref = ref_minillm_loss(logp, old, returns, MASK_BT, 0.2, 0.28, w_ref, kl if single_step else None,
                            task_adv, 0.5, 0.7)
     (ref_grad,) = torch.autograd.grad(ref, logits)
     assert close(loss, ref, 1e-12)
@@ -290,6 +296,10 @@ def test_minillm_loss_matches_loop_values_and_grads(single_step):
         expected_kl = sum(kl(b, t).item() for b in range(4) for t in range(5) if MASK_BT[b, t]) / MASK_BT.sum().item()
         assert close(metrics["single_step_kl"], expected_kl, 1e-12)
         assert teacher.grad is None
+    if tis:
+        assert 0 < metrics["tis_clip_frac"] < 1
+        mismatch = (old.detach() - rollout).abs()[MASK_BT].mean().item()
+        assert close(metrics["logp_mismatch"], mismatch, 1e-12)
 
 
 def test_minillm_loss_on_policy_gradient_is_weighted_reinforce():
@@ -365,8 +375,9 @@ def test_all_masked_gives_finite_zero_with_grad_path():
     losses = [reverse_kl_loss(logits, teacher, mask), forward_kl_loss(logits, teacher, mask)]
     losses += [generalized_jsd_loss(logits, teacher, mask, beta) for beta in (0.0, 0.5, 1.0)]
     losses.append(minillm_loss(logp, logp.detach() - 0.3, torch.ones(2, 3), mask,
-                               weights_BT=torch.ones(2, 3), student_logits_BTV=logits,
-                               teacher_logits_BTV=teacher, task_advantages_B=torch.ones(2),
+                               weights_BT=torch.ones(2, 3), student_logits_NV=logits[mask],
+                               teacher_logits_NV=teacher[mask], task_advantages_B=torch.ones(2),
+                               rollout_logprobs_BT=logp.detach(), tis_cap=2.0,
                                task_coef=1.0))
     for loss, metrics in losses:
         assert loss.dim() == 0 and loss.item() == 0.0 and loss.requires_grad

@@ -36,6 +36,7 @@ def run(tmp_path_factory):
         f"trainer.max_steps={STEPS}", "trainer.eval_every=0", "trainer.save_every=0",
         "trainer.save_state=false", "rollout.max_new_tokens=24", "rollout.kv_cache_gb=1",
         "grpo.group_size=4", "grpo.prompts_per_step=2", "learner.lr=2e-5",
+        "learner.dtype=float32", "rollout.dtype=float32",  # exact sync check on any CPU
         "rewards.funcs=[tests/data/shaping_rewards.py:concise]", "rewards.weights=[1.0]",
     ], log)
     events = {}

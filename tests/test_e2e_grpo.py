@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
         f"trainer.max_steps={STEPS}", "trainer.eval_every=6", "trainer.eval_samples=8",
         "trainer.save_every=6", "eval.max_new_tokens=64",
         "rollout.max_new_tokens=48", "grpo.group_size=8", "grpo.prompts_per_step=2",
-        "learner.lr=2e-5", "learner.dtype=float32",  # fp32 on both sides: a missed sync must show
+        "learner.lr=2e-5", "learner.dtype=float32", "rollout.dtype=float32",  # fp32 both sides: a missed sync must show
         # A dense shaping reward, loaded by file path like any user reward, gives every group
         # a learning signal from step 1, so a few steps show learning with margin.
         "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]",

@@ -43,6 +43,7 @@ def trained(cluster, tmp_path_factory):
         "rollout.num_actors=2", "rollout.placement=spread", "rollout.kv_cache_gb=1",
         "model.max_model_len=512", "rollout.max_new_tokens=32", "grpo.group_size=4",
         "grpo.prompts_per_step=2", "learner.lr=1e-4", "trainer.max_steps=1", "trainer.eval_every=0",
+        "learner.dtype=float32", "rollout.dtype=float32",  # exact sync check on any CPU
         "trainer.save_every=0",
         # A dense reward: every group has a learning signal, so the step moves the weights.
         f"rewards.funcs=[{REPO_ROOT}/tests/data/shaping_rewards.py:concise]", "rewards.weights=[1.0]"])

@@ -9,7 +9,8 @@ from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlkd.compose import load_config
-from rlkd.learner import Learner, TrainBatch, collate
+from rlkd.hardware import rollout_dtype
+from rlkd.learner import DTYPES, Learner, TrainBatch, collate
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,8 @@ def test_step_changes_weights_and_export_round_trips(tiny_model, tmp_path):
     for state in (load_file(shm.path), load(blob.blob)):
         assert state.keys() == after.keys()  # tied lm_head travels once, as embed_tokens
         for k, v in state.items():
-            assert torch.equal(v, after[k].detach())
+            # Exported in the rollout dtype (rollout.dtype=auto: bf16 where vLLM runs it).
+            assert torch.equal(v, after[k].detach().to(v.dtype)) and v.dtype == DTYPES[rollout_dtype(learner.cfg)]
     saved = learner.save_checkpoint(str(tmp_path / "checkpoint-1"))
     reloaded = LlamaForCausalLM.from_pretrained(saved)
     for k, v in reloaded.named_parameters():
