@@ -21,12 +21,15 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rewards import REGISTRY as REWARDS
+from rewards import load_reward
 from rlkd import config as schema
 from rlkd.config import (
     RECIPES_DIR,
     Config,
     ConfigError,
     DistillObjective,
+    InputError,
     Overlong,
     PromptMode,
     StudentInit,
@@ -199,6 +202,12 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 def validate(cfg: Config) -> None:
     """Cross-field checks the type system cannot express, before any heavy work starts."""
     r, g = cfg.rewards, cfg.grpo
+    for spec in r.funcs:
+        if ":" not in spec and spec not in REWARDS:
+            try:
+                load_reward(spec)
+            except InputError as e:  # unknown name: the built-ins and a suggestion
+                raise ConfigError(str(e)) from None
     if len(r.funcs) != len(r.weights):
         raise ConfigError(
             f"rewards.funcs has {len(r.funcs)} entries but rewards.weights has {len(r.weights)}"
@@ -221,6 +230,7 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value} must be >= 1")
+    check_ranges(cfg)
     batch = g.group_size * g.prompts_per_step
     if batch % g.mini_batches:
         raise ConfigError(
@@ -271,6 +281,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
     if cfg.task == Task.distill:
         validate_distill(cfg)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Numeric keys whose bad values would otherwise fail deep inside an actor, minutes in."""
+    lr, ro, t = cfg.learner, cfg.rollout, cfg.trainer
+    ranges = [  # (key, value, ok, allowed)
+        ("learner.lr", lr.lr, lr.lr > 0, "> 0"),
+        ("learner.weight_decay", lr.weight_decay, lr.weight_decay >= 0, ">= 0"),
+        ("learner.warmup_steps", lr.warmup_steps, lr.warmup_steps >= 0, ">= 0"),
+        ("learner.max_grad_norm", lr.max_grad_norm, lr.max_grad_norm > 0, "> 0"),
+        ("learner.gpus", lr.gpus, lr.gpus >= 0, ">= 0"),
+        ("rollout.temperature", ro.temperature, ro.temperature >= 0, ">= 0"),
+        ("rollout.top_p", ro.top_p, 0 < ro.top_p <= 1, "in (0, 1]"),
+        ("rollout.kv_cache_gb", ro.kv_cache_gb, ro.kv_cache_gb >= 1, ">= 1"),
+        ("rollout.gpu_memory_utilization", ro.gpu_memory_utilization, 0 < ro.gpu_memory_utilization <= 1,
+         "in (0, 1]"),
+        ("rollout.gpus_per_actor", ro.gpus_per_actor, ro.gpus_per_actor >= 0, ">= 0"),
+        ("eval.temperature", cfg.eval.temperature, cfg.eval.temperature >= 0, ">= 0"),
+        ("eval.num_samples", cfg.eval.num_samples, cfg.eval.num_samples >= 0, ">= 0"),
+        ("trainer.max_steps", t.max_steps, t.max_steps >= 0, ">= 0"),
+        ("trainer.eval_every", t.eval_every, t.eval_every >= 0, ">= 0"),
+        ("trainer.eval_samples", t.eval_samples, t.eval_samples >= 1, ">= 1"),
+        ("trainer.save_every", t.save_every, t.save_every >= 0, ">= 0"),
+        ("trainer.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, ">= 0"),
+        ("model.max_model_len", cfg.model.max_model_len, cfg.model.max_model_len >= 2, ">= 2"),
+    ]
+    for key, value, ok, allowed in ranges:
+        if not ok:
+            raise ConfigError(f"{key}={value} must be {allowed}")
 
 
 def validate_distill(cfg: Config) -> None:

@@ -26,6 +26,11 @@ class RunStopped(RuntimeError):
     to resume from, and the CLI prints it without a traceback."""
 
 
+class Interrupted(RunStopped):
+    """Ctrl-C: the run saved what it could; the message says where and how to continue (the CLI
+    prints it and exits 130)."""
+
+
 class ConfigError(InputError):
     """A bad recipe, key or value; the message is one line naming the culprit."""
 

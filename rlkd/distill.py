@@ -31,6 +31,7 @@ from transformers import AutoTokenizer
 
 from rewards import compute_rewards, load_reward
 from rlkd.config import Config, DistillObjective, StudentInit
+from rlkd.console import close_quietly, say
 from rlkd.data import Example, PromptSampler, build_prompt, load_split
 from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
 from rlkd.eval import score
@@ -48,7 +49,7 @@ from rlkd.hardware import rollout_dtype
 from rlkd.losses import group_advantages
 from rlkd.models import count_parameters, resolve_model
 from rlkd.prune import prune
-from rlkd.recovery import actor_died, shutdown
+from rlkd.recovery import actor_died, interrupted, save_on_interrupt, shutdown
 from rlkd.rollout import SamplingSpec, generate_sharded
 from rlkd.teacher import TeacherActor, shared_vocab_size
 from rlkd.tracking import Timer, Tracker, plot_curves
@@ -211,12 +212,12 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     except (RayActorError, OutOfMemoryError) as e:
         raise actor_died(e, step, run_dir) from e
     except KeyboardInterrupt:
-        bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
         if step:
-            save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
-        raise
+            say(f"rlkd: interrupted at step {step}: saving a checkpoint before exiting")
+            save_on_interrupt(partial(save_checkpoint, actors, run_dir, step, t.keep_checkpoints))
+        raise interrupted(step, step, run_dir, resumable=False) from None
     finally:
-        bar.close()
+        close_quietly(bar)
         tracker.close()
         plot_curves(run_dir / "metrics.jsonl", ["eval/reverse_kl", "train/single_step_kl", "train/jsd",
                                                 "train/forward_kl", "eval/accuracy"],

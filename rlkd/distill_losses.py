@@ -240,14 +240,18 @@ def minillm_loss(
     """MiniLLM's clipped policy gradient for reverse KL, token-mean over the mask (Gu et al. 2024).
 
     Per token, with rho_t = exp(logp_t - old_t) and A_t = R_t + task_coef * A_task:
-      l_t = -w_t min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
+      l_t = -w_t v_t min(rho_t A_t, clip(rho_t, 1 - clip_low, 1 + clip_high) A_t)
             + single_step_coef * w_t * KL(q_S(.|y_<t) || p_T(.|y_<t))
       - R_t: MiniLLM returns (`minillm_token_rewards`), detached.
       - PPO clipping (Schulman et al. 2017), which the paper uses to stabilise the update.
-      - w_t: teacher-mixed importance weights (`teacher_mixed_weights`; 1 if None) times the
-        truncated importance weight min(exp(old_t - rollout_t), tis_cap) for the sampler-vs-
-        learner mismatch, as in `rlkd.losses.grpo_loss` (Yao et al. 2025); without rollout
-        logprobs or with tis_cap None/0 that factor is 1 (the mismatch is still reported).
+      - w_t: teacher-mixed importance weights (`teacher_mixed_weights`); 1 if None.
+      - v_t = min(exp(old_t - rollout_t), tis_cap), detached: the truncated importance weight
+        for the sampler-vs-learner mismatch, as in `rlkd.losses.grpo_loss` (Yao et al. 2025),
+        on the sampled-token (policy-gradient) term only, whose estimate hangs on which token
+        was sampled; the single-step term is exact over the vocabulary. v_t = 1 without
+        rollout logprobs or with tis_cap None/0 (the mismatch is still reported). Applied to
+        the single-step term too, bf16 sampler noise (0.15 nats/token on a pruned student)
+        made a 6-step MiniLLM run diverge where fp32, or this form, converges.
       - the KL term is the single-step part, exact over the full vocabulary; it is on when
         both logits are given (the teacher's get no gradient). They are [N, V], the rows of
         the valid tokens in row-major order (``logits_BTV[mask_BT]``), so a packed learner
@@ -264,7 +268,7 @@ def minillm_loss(
     surr_BT = ratio_BT * adv_BT
     clipped_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high) * adv_BT
     w_BT = torch.ones_like(ratio_BT) if weights_BT is None else weights_BT.detach().to(ratio_BT.dtype)
-    metrics = {}
+    metrics, pg_w_BT = {}, w_BT
     if rollout_logprobs_BT is not None:
         with torch.no_grad():
             log_tis_BT = torch.where(mask, _acc(old_logprobs_BT) - _acc(rollout_logprobs_BT), 0.0)
@@ -272,8 +276,8 @@ def minillm_loss(
             if tis_cap:
                 tis_BT = log_tis_BT.exp()
                 metrics["tis_clip_frac"] = _masked_mean((tis_BT > tis_cap).float(), mask)
-                w_BT = w_BT * tis_BT.clamp(max=tis_cap).to(w_BT.dtype)
-    per_token_BT = -w_BT * torch.minimum(surr_BT, clipped_BT)
+                pg_w_BT = w_BT * tis_BT.clamp(max=tis_cap).to(w_BT.dtype)
+    per_token_BT = -pg_w_BT * torch.minimum(surr_BT, clipped_BT)
     n = mask.sum().clamp(min=1)
     pg = torch.where(mask, per_token_BT, 0.0).sum() / n
     metrics.update({

@@ -22,6 +22,7 @@ from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 
 from rlkd.config import Config, Overlong
+from rlkd.console import close_quietly, say
 from rlkd.data import PromptSampler
 from rlkd.eval import score
 from rlkd.hardware import resolve_rollout_dtype
@@ -34,7 +35,9 @@ from rlkd.recovery import (
     SignalGuard,
     SignalLostError,
     count_bad_steps,
+    interrupted,
     learner_died,
+    save_on_interrupt,
     shutdown,
 )
 from rlkd.resume import (
@@ -290,13 +293,11 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
         # An update already sent to the learner finishes there: then its weights are one step
         # past `done` and no checkpoint of them can be resumed exactly.
         if saved < done and ray.get(actors.learner.steps_done.remote()) == done:
-            bar.write(f"interrupted after step {done}: saving a checkpoint before exiting")
-            checkpoint()
-        else:
-            bar.write(f"interrupted in step {step}; the last checkpoint is step {saved}")
-        raise
+            say(f"rlkd: interrupted after step {done}: saving a checkpoint before exiting")
+            save_on_interrupt(checkpoint)
+        raise interrupted(step, saved, run_dir, resumable=t.save_state) from None
     finally:
-        bar.close()
+        close_quietly(bar)
         tracker.close()
         _plots(run_dir, cfg)
         if own_actors:

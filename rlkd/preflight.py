@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from rewards import load_reward
+from rewards import compute_rewards, load_reward
 from rlkd.config import Config, InputError
 from rlkd.data import Example, build_prompt, load_split, split_held_out
 from rlkd.models import resolve_model
@@ -47,6 +47,7 @@ def load_inputs(cfg: Config) -> Inputs:
     if len(reward_fns) != len(cfg.rewards.funcs):
         raise InputError(f"rewards.funcs={cfg.rewards.funcs} names one function twice")
     reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
+    check_rewards(reward_fns, reward_weights, train_set, tokenizer, cfg)
     return Inputs(model_path, tokenizer, train_set, eval_set, reward_fns, reward_weights)
 
 
@@ -77,3 +78,22 @@ def check_prompt_lengths(tokenizer, examples: list[Example], cfg: Config, key: s
             f"{lengths[longest]}-token prompt and model.max_model_len={cfg.model.max_model_len}; "
             f"lower {key} to <= {max(room, 0)} or raise model.max_model_len"
         )
+
+
+# Completions a reward must score without failing: an answer line, prose, nothing at all.
+PLACEHOLDER_COMPLETIONS = ("The answer is 42.\n#### 42", "I am not sure.", "")
+
+
+def check_rewards(reward_fns: dict[str, Callable], reward_weights: dict[str, float], examples: list[Example],
+                  tokenizer, cfg: Config) -> None:
+    """Call every reward once on real dataset rows with placeholder completions, before any
+    actor starts: one that raises, returns the wrong number of scores, NaN or a non-number
+    stops the run in seconds with the message it would get mid-run (RewardError)."""
+    rows = examples[:2]
+    completions = [c for _ in rows for c in PLACEHOLDER_COMPLETIONS]
+    k = len(PLACEHOLDER_COMPLETIONS)
+    prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in rows]
+    compute_rewards(reward_fns, reward_weights, completions, on_error="raise",
+                    prompts=[p for p in prompts for _ in range(k)],
+                    answer=[ex.answer for ex in rows for _ in range(k)],
+                    question=[ex.question for ex in rows for _ in range(k)])

@@ -14,6 +14,7 @@ logprobs drifting from the learner's: weights that did not arrive), in one line.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,8 @@ from ray.exceptions import (
     RayTaskError,
 )
 
-from rlkd.config import RunStopped, TrainerConfig
+from rlkd.config import Interrupted, RunStopped, TrainerConfig
+from rlkd.console import say
 from rlkd.resume import checkpoint_step, complete_checkpoints
 
 logger = logging.getLogger("rlkd.recovery")
@@ -121,6 +123,27 @@ def count_bad_steps(bad_steps: int, skipped: float, step: int, max_bad_steps: in
             f"{bad_steps} consecutive steps (up to step {step}) skipped for a NaN/inf loss or "
             f"gradient (trainer.max_bad_steps={max_bad_steps}); checkpoints are left as they were")
     return bad_steps
+
+
+def save_on_interrupt(save: Callable[[], T]) -> T:
+    """Run `save` with further Ctrl-Cs answered, not obeyed: the checkpoint is written whole."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda *_: say("rlkd: still saving the checkpoint, one moment"))
+    try:
+        return save()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupted(step: int, saved: int, run_dir: Path, resumable: bool) -> Interrupted:
+    """The one line a Ctrl-C ends with: which checkpoint holds the run and what continues it."""
+    if not saved:
+        return Interrupted(f"interrupted in step {step}, before any checkpoint was saved")
+    where = f"interrupted in step {step}; {run_dir}/checkpoint-{saved} holds step {saved}"
+    if resumable:
+        return Interrupted(f"{where}; continue with the same command plus run.dir={run_dir} "
+                           "trainer.resume=auto")
+    return Interrupted(f"{where}; start from it with model.name={run_dir}/checkpoint-{saved}")
 
 
 class SignalLostError(RunStopped):

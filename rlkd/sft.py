@@ -26,6 +26,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlkd.config import Config, ConfigError, SFTTarget
+from rlkd.console import close_quietly, say
 from rlkd.cot import gold_text
 from rlkd.data import build_prompt, load_split, split_held_out
 from rlkd.eval import score
@@ -33,7 +34,7 @@ from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
 from rlkd.hardware import rollout_dtype
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.models import resolve_model
-from rlkd.recovery import actor_died, shutdown
+from rlkd.recovery import actor_died, interrupted, save_on_interrupt, shutdown
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
 from rlkd.tracking import Tracker, plot_curves
 
@@ -175,12 +176,12 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     except (RayActorError, OutOfMemoryError) as e:
         raise actor_died(e, step, run_dir) from e
     except KeyboardInterrupt:
-        bar.write(f"interrupted at step {step}: saving a checkpoint before exiting")
         if step:
-            save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
-        raise
+            say(f"rlkd: interrupted at step {step}: saving a checkpoint before exiting")
+            save_on_interrupt(partial(save_checkpoint, actors, run_dir, step, t.keep_checkpoints))
+        raise interrupted(step, step, run_dir, resumable=False) from None
     finally:
-        bar.close()
+        close_quietly(bar)
         tracker.close()
         plot_curves(run_dir / "metrics.jsonl", ["train/loss", "eval/heldout_nll"], run_dir / "loss.png",
                     "SFT loss (token-mean NLL)")

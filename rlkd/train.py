@@ -3,7 +3,8 @@
 import sys
 
 from rlkd.compose import from_cli
-from rlkd.config import Config, InputError, RunStopped, Task
+from rlkd.config import Config, InputError, Interrupted, RunStopped, Task
+from rlkd.console import say, silence
 from rlkd.tracking import make_run_dir
 
 # Task modules import Ray, vLLM and DeepSpeed (~30 s); they load only after the config is
@@ -56,8 +57,23 @@ def main(argv: list[str]) -> None:
     print(f"rlkd: {cfg.task.value} run in {run_dir}")
     try:
         TASKS[cfg.task](cfg, run_dir)
+    except Interrupted as e:
+        exit_interrupted(f"rlkd: {e}")
+    except KeyboardInterrupt:  # before a task's loop began: nothing trained, nothing to save
+        exit_interrupted(f"rlkd: interrupted while starting; nothing was trained ({run_dir})")
     except (InputError, RunStopped) as e:
         raise SystemExit(f"rlkd: error: {e}") from None
+
+
+def exit_interrupted(message: str) -> None:
+    """Say `message` and exit 130 (SIGINT's status), quietly even when Ctrl-C also ended the
+    `| tee` this process wrote into (see `rlkd.console.silence`)."""
+    say(message)
+    try:
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError, ValueError):
+        silence(sys.stdout)
+    raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -148,8 +148,15 @@ def test_every_field_has_a_docstring(cls):
         (["trainer=5"], ["'trainer'"]),
         (["~trainer.max_steps"], ["deleting keys is not supported"]),
         (["trainer.max_steps"], ["argument 'trainer.max_steps'"]),
-        (["rewards.funcs=[a]"], ["rewards.funcs has 1 entries", "rewards.weights has 2"]),
-        (["rewards.funcs=[a,b,c]", "rewards.weights=[1]"], ["has 3", "has 1"]),
+        (["rewards.funcs=[gsm8k_correct]"], ["rewards.funcs has 1 entries", "rewards.weights has 2"]),
+        (["rewards.funcs=[gsm8k_correct,a.py:f,m:g]", "rewards.weights=[1]"], ["has 3", "has 1"]),
+        # An unknown name is reported as unknown, whatever rewards.weights holds.
+        (["rewards.funcs=[no_such_reward]"], ["reward 'no_such_reward': unknown name"]),
+        (["learner.lr=-1"], ["learner.lr=-1.0 must be > 0"]),
+        (["rollout.temperature=-0.5"], ["rollout.temperature=-0.5 must be >= 0"]),
+        (["rollout.top_p=1.5"], ["rollout.top_p=1.5 must be in (0, 1]"]),
+        (["learner.max_grad_norm=0"], ["learner.max_grad_norm=0.0 must be > 0"]),
+        (["rollout.gpu_memory_utilization=0"], ["rollout.gpu_memory_utilization=0.0 must be in (0, 1]"]),
         (["grpo.mini_batches=3"], ["grpo.mini_batches=3", "does not divide", "=16"]),
         (["grpo.group_size=0"], ["grpo.group_size=0 must be >= 1"]),
         (["grpo.beta=-0.1"], ["grpo.beta", ">= 0"]),
@@ -235,7 +242,7 @@ def test_overrides_of_every_kind():
     cfg = load_config(
         "grpo_gsm8k",
         [
-            "rewards.funcs=[a,b]",
+            "rewards.funcs=[gsm8k_correct,pkg.mod:b]",
             "rewards.weights=[1,2]",
             "grpo.clip_low=0.1",
             "learner.lr=3e-6",
@@ -249,7 +256,7 @@ def test_overrides_of_every_kind():
             "task=eval",
         ],
     )
-    assert cfg.rewards.funcs == ["a", "b"]
+    assert cfg.rewards.funcs == ["gsm8k_correct", "pkg.mod:b"]
     assert cfg.rewards.weights == [1.0, 2.0]
     assert all(type(w) is float for w in cfg.rewards.weights)
     assert cfg.grpo.clip_low == 0.1 and cfg.learner.lr == 3e-6

@@ -241,8 +241,9 @@ def test_teacher_mixed_weights_turn_mixture_samples_into_student_expectations():
 # ---------------------------------------------------------------------------- minillm loss
 
 
-def ref_minillm_loss(logp, old, returns, mask, clip_low, clip_high, w, kl, task_adv, task_coef, coef):
-    """Scalar-by-scalar torch ops on the same leaves, so autograd gives reference gradients."""
+def ref_minillm_loss(logp, old, returns, mask, clip_low, clip_high, w, kl, task_adv, task_coef, coef, v=None):
+    """Scalar-by-scalar torch ops on the same leaves, so autograd gives reference gradients;
+    v: the truncated importance weights of the policy-gradient term (1 if None)."""
     total, n = 0.0, 0
     for b in range(logp.shape[0]):
         for t in range(logp.shape[1]):
@@ -250,7 +251,8 @@ def ref_minillm_loss(logp, old, returns, mask, clip_low, clip_high, w, kl, task_
                 continue
             ratio = torch.exp(logp[b, t] - old[b, t])
             a = returns[b, t] + task_coef * task_adv[b]
-            term = -w[b, t] * torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
+            vt = 1.0 if v is None else v[b, t]
+            term = -w[b, t] * vt * torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
             if kl is not None:
                 term = term + coef * w[b, t] * kl(b, t)
             total, n = total + term, n + 1
@@ -272,12 +274,12 @@ def test_minillm_loss_matches_loop_values_and_grads(single_step, tis):
               task_coef=0.5, single_step_coef=0.7)
     if single_step:
         kw.update(student_logits_NV=logits[MASK_BT], teacher_logits_NV=teacher[MASK_BT])
-    w_ref = w
+    v_ref = None
     if tis:
         # The sampler's logprobs, some far enough from old that the cap of 1.5 bites.
         rollout = old.detach() + torch.randn(4, 5, generator=g, dtype=torch.float64) * 0.6
         kw.update(rollout_logprobs_BT=rollout, tis_cap=1.5)
-        w_ref = w * torch.exp(old.detach() - rollout).clamp(max=1.5)
+        v_ref = torch.exp(old.detach() - rollout).clamp(max=1.5)
     loss, metrics = minillm_loss(logp, old, returns, MASK_BT, **kw)
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
 
@@ -285,8 +287,8 @@ def test_minillm_loss_matches_loop_values_and_grads(single_step, tis):
         log_q, log_p = torch.log_softmax(logits[b, t], -1), torch.log_softmax(teacher[b, t].detach(), -1)
         return (log_q.exp() * (log_q - log_p)).sum()
 
-    ref = ref_minillm_loss(logp, old, returns, MASK_BT, 0.2, 0.28, w_ref, kl if single_step else None,
-                           task_adv, 0.5, 0.7)
+    ref = ref_minillm_loss(logp, old, returns, MASK_BT, 0.2, 0.28, w, kl if single_step else None,
+                           task_adv, 0.5, 0.7, v=v_ref)
     (ref_grad,) = torch.autograd.grad(ref, logits)
     assert close(loss, ref, 1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)

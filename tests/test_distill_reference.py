@@ -101,8 +101,8 @@ def reference_step(student_path, teacher_path, batch: DistillBatch, *, objective
             w = torch.exp(lp.detach() - sampler).clamp(max=TIS_CAP)
             a = returns[i] + task_coef * batch.task_advantages[i]
             per_token = -w * torch.exp(lp - lp.detach()) * a
-            if single_step:
-                per_token = per_token + w * kl(log_q, teacher_dist[i])
+            if single_step:  # exact over the vocabulary: no importance weight
+                per_token = per_token + kl(log_q, teacher_dist[i])
         elif objective == "gkd":  # beta = 0.5: JSD / (beta (1 - beta))
             log_p = teacher_dist[i]
             log_m = torch.log(0.5 * log_p.exp() + 0.5 * log_q.exp())

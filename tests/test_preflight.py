@@ -6,6 +6,7 @@ divisibility) live in test_config.py; unreachable-hub cases in test_models.py an
 """
 
 import json
+import time
 
 import pytest
 import ray
@@ -33,8 +34,6 @@ CASES = {
         ["eval.max_new_tokens=1000"], "eval.max_new_tokens=1000 does not fit: example gsm8k:test:"),
     "context beyond the model's": (
         ["model.max_model_len=100000"], "model.max_model_len=100000 exceeds the model's context of 8192"),
-    "unknown reward": (["rewards.funcs=[gsm8k_corect]", "rewards.weights=[1]"],
-                       "reward 'gsm8k_corect': unknown name"),
     "reward file missing": (["rewards.funcs=[no/such.py:fn]", "rewards.weights=[1]"],
                             "reward 'no/such.py:fn': file not found"),
     "reward listed twice": (["rewards.funcs=[gsm8k_correct,gsm8k_correct]", "rewards.weights=[1,1]"],
@@ -94,6 +93,23 @@ def test_cli_prints_one_line_before_starting_ray(overrides, expected, small_gsm8
     assert isinstance(message, str) and "\n" not in message
     assert message.startswith(f"rlkd: error: {expected.format(tmp=tmp_path)}"), message
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("fn, expected", [
+    ("raises", "reward 'raises' raised KeyError: 'score'"),
+    ("nan", "reward 'nan' returned nan at index 0"),
+    ("short", "reward 'short' returned 1 scores for 6 completions"),
+    ("text", "reward 'text' returned 'good' at index 0"),
+])
+def test_broken_reward_stops_the_cli_in_seconds_before_ray(fn, expected, small_gsm8k, tmp_path):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as info:
+        main(["recipe=grpo_gsm8k", f"data.path={small_gsm8k}", f"run.dir={tmp_path / 'run'}",
+              f"rewards.funcs=[tests/data/bad_rewards.py:{fn}]", "rewards.weights=[1]"])
+    message = info.value.code
+    assert isinstance(message, str) and "\n" not in message
+    assert message == f"rlkd: error: {expected}", message
+    assert not ray.is_initialized() and time.perf_counter() - start < 60
 
 
 def test_eval_cli_checks_lengths_before_starting_vllm(small_gsm8k, tmp_path):

@@ -83,3 +83,52 @@ def test_failures_beyond_max_restarts_stop_with_one_line():
     # reset), depending on which it notices first.
     assert re.match(r"rollout failed 3 times, more than rollout.max_restarts=2; last, during "
                     r"generate: Actor(Died|Unavailable)Error: ", message), message
+
+
+# ---------------------------------------------------------------------------- Ctrl-C
+
+
+def test_a_second_ctrl_c_during_the_save_is_answered_not_obeyed(capsys):
+    import os
+    import signal
+
+    from rlkd.recovery import save_on_interrupt
+
+    def save():
+        os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again mid-save
+        return "checkpoint-3"
+
+    before = signal.getsignal(signal.SIGINT)
+    assert save_on_interrupt(save) == "checkpoint-3"
+    assert "still saving the checkpoint" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_interrupt_message_names_the_checkpoint_and_the_command(tmp_path):
+    from rlkd.recovery import interrupted
+
+    msg = str(interrupted(9, 8, tmp_path, resumable=True))
+    assert f"{tmp_path}/checkpoint-8 holds step 8" in msg and "trainer.resume=auto" in msg
+    assert "model.name=" in str(interrupted(9, 8, tmp_path, resumable=False))
+    assert "before any checkpoint" in str(interrupted(1, 0, tmp_path, resumable=True))
+
+
+def test_interrupted_exit_is_130_and_quiet_with_the_pipe_gone():
+    # `cmd | tee` and Ctrl-C: tee dies with the process group, so stdout and stderr point at a
+    # pipe nobody reads. The exit must still be 130, with no traceback or BrokenPipeError.
+    import subprocess
+    import sys
+
+    code = ("import sys; from rlkd.config import Interrupted\n"
+            "from rlkd import train\n"
+            "def task(cfg, run_dir):\n"
+            "    import os; r, w = os.pipe(); os.close(r)\n"  # what a dead tee leaves behind
+            "    os.dup2(w, 1); os.dup2(w, 2)\n"
+            "    raise Interrupted('interrupted in step 2; checkpoint-2 holds step 2')\n"
+            "train.TASKS[train.Task.eval] = task\n"
+            "train.main(['recipe=eval_gsm8k', 'run.dir=' + sys.argv[1]])\n")
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        proc = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=120)
+    # A traceback would exit 1, and a failed flush of stdout at shutdown 120.
+    assert proc.returncode == 130, proc.stderr
