@@ -266,14 +266,6 @@ def validate(cfg: Config) -> None:
                           "(a mean log-probability)")
     if cfg.trainer.resume == "auto" and not cfg.run.dir:
         raise ConfigError("trainer.resume=auto needs run.dir=<the run directory to continue>")
-    for key, value in {"rollout.max_restarts": cfg.rollout.max_restarts,
-                       "trainer.max_bad_steps": cfg.trainer.max_bad_steps,
-                       "trainer.max_zero_signal_steps": cfg.trainer.max_zero_signal_steps,
-                       "trainer.max_logp_mismatch": cfg.trainer.max_logp_mismatch,
-                       "grpo.overlong_buffer": g.overlong_buffer, "grpo.overlong_penalty": g.overlong_penalty,
-                       "data.held_out": cfg.data.held_out}.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
     if g.overlong == Overlong.penalty and g.overlong_buffer > cfg.rollout.max_new_tokens:
         raise ConfigError(f"grpo.overlong_buffer={g.overlong_buffer} exceeds "
                           f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
@@ -307,6 +299,11 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, ">= 0"),
         ("model.max_model_len", cfg.model.max_model_len, cfg.model.max_model_len >= 2, ">= 2"),
     ]
+    ranges += [(key, value, value >= 0, ">= 0") for key, value in {
+        "rollout.max_restarts": ro.max_restarts, "trainer.max_bad_steps": t.max_bad_steps,
+        "trainer.max_zero_signal_steps": t.max_zero_signal_steps, "trainer.max_logp_mismatch": t.max_logp_mismatch,
+        "grpo.overlong_buffer": cfg.grpo.overlong_buffer, "grpo.overlong_penalty": cfg.grpo.overlong_penalty,
+        "data.held_out": cfg.data.held_out}.items()]
     for key, value, ok, allowed in ranges:
         if not ok:
             raise ConfigError(f"{key}={value} must be {allowed}")

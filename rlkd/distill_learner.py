@@ -65,14 +65,6 @@ def needs_learner_teachers(cfg: Config) -> bool:
     return d.objective != DistillObjective.minillm or d.single_step or d.mix_alpha > 0
 
 
-def _pad_rows(rows: list[list[float]], like_BT: torch.Tensor) -> torch.Tensor:
-    """Ragged per-completion values as a zero-padded, completion-aligned [B, T] fp32 tensor."""
-    out = torch.zeros(like_BT.shape, dtype=torch.float32)
-    for b, row in enumerate(rows):
-        out[b, :len(row)] = torch.tensor(row, dtype=torch.float32)
-    return out.to(like_BT.device)
-
-
 class DistillLearner(Learner):
     def __init__(self, cfg: Config, model_path: str, teacher_paths: list[str], vocab_size: int,
                  **kwargs):
@@ -193,7 +185,7 @@ class DistillLearner(Learner):
         for k, mb in enumerate(mbs):
             mask_BT = mb.mask_BT().to(self.device)
             if batch.teacher_logprobs:
-                tlp_KBT = torch.stack([_pad_rows([scores[r] for r in mb.rows], mask_BT)
+                tlp_KBT = torch.stack([self._row_tensor([scores[r] for r in mb.rows], mask_BT)
                                        for scores in batch.teacher_logprobs])
                 w_KB, metrics = self._teacher_weights(tlp_KBT, mask_BT)
                 tlp_BT = mix_teachers(tlp_KBT, w_KB)
@@ -203,7 +195,7 @@ class DistillLearner(Learner):
                 size = log_p_NV.numel() * log_p_NV.element_size()
                 if size <= budget:
                     cached[k], budget = log_p_NV.cpu(), budget - size
-            lp_BT = _pad_rows([batch.student_logprobs[r] for r in mb.rows], mask_BT)
+            lp_BT = self._row_tensor([batch.student_logprobs[r] for r in mb.rows], mask_BT)
             r_BT, r_metrics = minillm_token_rewards(lp_BT, tlp_BT, mask_BT, gamma=d.gamma,
                                                     length_norm=d.length_norm, from_next=d.single_step)
             for b, r in enumerate(mb.rows):
@@ -240,13 +232,13 @@ class DistillLearner(Learner):
         logprobs_BT = mb.to_BT(selective_log_softmax(logits_NV, targets_N))
         weights_BT, mix_metrics = None, {}
         if d.mix_alpha > 0:
-            teacher_lp_BT = _pad_rows([teacher_lps[r].tolist() for r in mb.rows], mask_BT)
+            teacher_lp_BT = self._row_tensor([teacher_lps[r] for r in mb.rows], mask_BT)
             weights_BT, mix_metrics = teacher_mixed_weights(logprobs_BT.detach(), teacher_lp_BT,
                                                             mask_BT, d.mix_alpha)
         loss, m = minillm_loss(
-            logprobs_BT, logprobs_BT.detach(), _pad_rows([returns[r].tolist() for r in mb.rows], mask_BT),
+            logprobs_BT, logprobs_BT.detach(), self._row_tensor([returns[r] for r in mb.rows], mask_BT),
             mask_BT, clip_low=g.clip_low, clip_high=g.clip_high, weights_BT=weights_BT,
-            rollout_logprobs_BT=_pad_rows([batch.student_logprobs[r] for r in mb.rows], mask_BT),
+            rollout_logprobs_BT=self._row_tensor([batch.student_logprobs[r] for r in mb.rows], mask_BT),
             tis_cap=g.tis_cap or None,
             student_logits_NV=logits_NV if teacher_NV is not None else None,
             teacher_logits_NV=teacher_NV,

@@ -87,7 +87,7 @@ def sample_step(cfg: Config, sampler: PromptSampler, tokenizer, generate: Callab
     g, G, P = cfg.grpo, cfg.grpo.group_size, cfg.grpo.prompts_per_step
     kept, spare = [], []  # (example, prompt, generation of one group, its rewards)
     texts, all_rewards, per_fn_all, errors_all, over_all = [], [], {}, {}, []
-    drawn = rounds = tokens = 0
+    drawn = rounds = tokens = signal = 0
     seconds = 0.0
     while True:
         if rounds == 0:
@@ -111,9 +111,9 @@ def sample_step(cfg: Config, sampler: PromptSampler, tokenizer, generate: Callab
         for j, varies in enumerate(varied_groups(rewards_N, G)):
             group = (examples[j], prompts[j], _slice(gen, j, G), rewards_N[j * G:(j + 1) * G])
             (kept if varies or not g.dynamic_sampling else spare).append(group)
+            signal += varies
         if not g.dynamic_sampling or len(kept) >= P or rounds >= g.max_sampling_rounds:
             break
-    signal = sum(varied_groups([r for grp in kept for r in grp[3]], G)) if kept else 0
     chosen = (kept + spare)[:P]
     out = Rollouts([c[0] for c in chosen], [c[1] for c in chosen], Generation.concat([c[2] for c in chosen]),
                    [r for c in chosen for r in c[3]])

@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_common import free_port, on_gpu, parser, print_table, target, write_result
-from bench_learner import sample_batch, timed
+from bench_common import free_port, on_gpu, parser, target
+from bench_learner import report, sample_batch, timed
 from transformers import AutoModelForCausalLM
 
 from rlkd.compose import load_config
@@ -157,20 +157,7 @@ def main() -> None:
                "plain/rlkd", "max |dparam|"]
     title = (f"MiniLLM learner step: {args.prompts} prompts x {args.group} sampled completions, 135M teacher -> "
              f"every-other-layer student, plain = two-pass padded fp32 loop, {'GPU' if gpu else 'CPU'}")
-    print_table(title, headers, rows)
-    print_table("targets", ["figure", "value", "goal", "met"],
-                [[t["name"], t["value"], t["goal"], t["met"]] for t in targets])
-    write_result(args.out, "bench_distill_learner", {
-        "title": title,
-        "settings": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
-                     "steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
-                     "quick": args.quick, "device": "gpu" if gpu else "cpu"},
-        "results": results,
-        "table": {"headers": headers, "rows": rows},
-        "ratios": {k: v["ratio"] for k, v in results.items()},
-        "targets": targets,
-    })
-
+    report("bench_distill_learner", args, gpu, title, headers, rows, results, targets)
 
 if __name__ == "__main__":
     main()

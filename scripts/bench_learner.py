@@ -203,10 +203,16 @@ def main() -> None:
                "plain tok/s", "rlkd tok/s", "rlkd/plain", "max |dparam|"]
     title = (f"GRPO learner step: {args.prompts} prompts x {args.group} sampled completions, "
              f"plain = padded fp32 loop ({PLAIN_MICRO_BATCH} rows/micro-batch), {'GPU' if gpu else 'CPU'}")
+    report("bench_learner", args, gpu, title, headers, rows, results, targets)
+
+
+def report(name: str, args, gpu: bool, title: str, headers: list[str], rows: list[list],
+           results: dict, targets: list[dict]) -> None:
+    """Print the table and the targets, and write bench_results/<name>.json (learner benches)."""
     print_table(title, headers, rows)
     print_table("targets", ["figure", "value", "goal", "met"],
                 [[t["name"], t["value"], t["goal"], t["met"]] for t in targets])
-    write_result(args.out, "bench_learner", {
+    write_result(args.out, name, {
         "title": title,
         "settings": {"prompts": args.prompts, "group": args.group, "max_new_tokens": args.max_new_tokens,
                      "steps": args.steps, "warmup": args.warmup, "overrides": args.overrides,
