@@ -1,8 +1,10 @@
 """Reward functions: the built-ins, a loader for user rewards, and the weighted combiner.
 
 A reward is a plain function `fn(completions: list[str], **columns) -> list[float | None]`
-(TRL's convention). `columns` holds `prompts`, `answer` (the extracted gold answer) and every
-other dataset column; a reward takes what it needs and ignores the rest via `**_`. None means
+(TRL's convention). `columns` holds `prompts`, `answer` (the extracted gold answer),
+`question`, `truncated` (the completion was cut at rollout.max_new_tokens) and
+`completion_tokens` (its length in tokens); a reward takes what it needs and ignores the rest
+via `**_`. None means
 "not applicable": it counts as 0 in the weighted total and shows up as NaN in the raw scores.
 """
 

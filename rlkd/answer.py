@@ -53,12 +53,13 @@ def gold_answer(answer_field: str) -> str:
     return gold
 
 
-def extract_answer(completion: str) -> str | None:
+def extract_answer(completion: str, last_number: bool = True) -> str | None:
     """Return the final answer in `completion`, or None if it holds none.
 
     Tried in order: the last `<answer>…</answer>` (then searched like a completion), the last
-    `#### x`, the last `\\boxed{x}`, the last "answer is x" / "Answer: x", and finally the last
-    number. Numbers come back normalised (`$1,234.` -> `1234`, `\\frac{1}{2}` -> `1/2`); a
+    `#### x`, the last `\\boxed{x}`, the last "answer is x" / "Answer: x", and finally (unless
+    `last_number=False`, as for a completion cut at the token cap, whose last number is
+    mid-reasoning) the last number. Numbers come back normalised (`$1,234.` -> `1234`, `\\frac{1}{2}` -> `1/2`); a
     non-numeric box or answer tag comes back as its text for math-verify to judge.
     """
     if not isinstance(completion, str):
@@ -66,11 +67,11 @@ def extract_answer(completion: str) -> str | None:
     text = completion[-TAIL_CHARS:].replace("\u2212", "-")
     tags = _TAG_RE.findall(text)
     if tags:
-        return _from_text(tags[-1]) or _short(tags[-1])
-    return _from_text(text)
+        return _from_text(tags[-1], last_number) or _short(tags[-1])
+    return _from_text(text, last_number)
 
 
-def _from_text(text: str) -> str | None:
+def _from_text(text: str, last_number: bool = True) -> str | None:
     hashes = _HASHES_RE.findall(text)
     if hashes and (number := _number_in(hashes[-1])):
         return number
@@ -80,6 +81,8 @@ def _from_text(text: str) -> str | None:
     phrases = _PHRASE_RE.findall(text)
     if phrases and (number := _number_in(_SENTENCE_END_RE.split(phrases[-1])[0])):
         return number
+    if not last_number:
+        return None
     numbers = _NUMBER_RE.findall(_FRAC_RE.sub(r"\1/\2", text))
     return _clean_number(numbers[-1]) if numbers else None
 
@@ -146,9 +149,9 @@ def answers_match(pred: str | None, gold: str) -> bool:
     return _VERIFIER.check(gold, pred)
 
 
-def is_correct(completion: str, gold: str) -> bool:
-    """True if the final answer in `completion` matches `gold`."""
-    return answers_match(extract_answer(completion), gold)
+def is_correct(completion: str, gold: str, last_number: bool = True) -> bool:
+    """True if the final answer in `completion` matches `gold` (see `extract_answer`)."""
+    return answers_match(extract_answer(completion, last_number), gold)
 
 
 class _Verifier:

@@ -269,6 +269,11 @@ def validate(cfg: Config) -> None:
     if g.overlong == Overlong.penalty and g.overlong_buffer > cfg.rollout.max_new_tokens:
         raise ConfigError(f"grpo.overlong_buffer={g.overlong_buffer} exceeds "
                           f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}")
+    if cfg.rollout.top_p < 1 and cfg.task in (Task.grpo, Task.distill):
+        raise ConfigError(
+            f"rollout.top_p={cfg.rollout.top_p}: vLLM's sampling logprobs are renormalised over the "
+            "nucleus while the learner's cover the whole vocabulary, so the importance weights (and "
+            "MiniLLM's reward) would be biased; train with rollout.top_p=1")
     if cfg.eval.compare and len(cfg.eval.compare) != 2:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
     if cfg.task == Task.distill:

@@ -152,6 +152,9 @@ class RunConfig:
     """Exact run directory to use instead of <out_dir>/<name>-<timestamp>."""
     seed: int = 0
     """Seed for prompt order, sampling and model init; a rerun with the same seed reproduces."""
+    quiet: bool = True
+    """Keep the terminal to rlkd's own lines and progress bars; what vLLM, Ray, DeepSpeed and
+    torch print goes to <run dir>/logs/run.log. false prints it all to the terminal too."""
 
 
 @dataclass
@@ -167,9 +170,10 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Local GSM8K directory (<split>.jsonl or .parquet) or file; empty means the hub dataset."""
-    hub_id: str = "openai/gsm8k"
-    """Hugging Face dataset id used when `path` is empty."""
+    """Local directory (<split>.jsonl or .parquet) or file. With `hub_id` also empty, the GSM8K
+    copy shipped with rlkd (rlkd/datasets/gsm8k), so nothing needs the network."""
+    hub_id: str = ""
+    """Hugging Face dataset id (e.g. openai/gsm8k), read when `path` is empty."""
     hub_config: str = "main"
     """Dataset config name on the hub."""
     split: str = "train"
@@ -226,7 +230,8 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature for training rollouts."""
     top_p: float = 1.0
-    """Nucleus sampling threshold for training rollouts."""
+    """Nucleus sampling threshold for training rollouts; must stay 1 for GRPO and distillation,
+    whose learner scores the full vocabulary (a nucleus would bias the importance weights)."""
     max_new_tokens: int = 128
     """Completion length cap during training."""
     max_restarts: int = 3
@@ -273,13 +278,17 @@ class GRPOConfig:
     prompts_per_step: int = 2
     """Prompts per step; a step trains on prompts_per_step * group_size completions."""
     adv_scale: AdvScale = AdvScale.group
-    """Advantage scaling: `group` std (GRPO), `none` (Dr.GRPO) or `batch` std."""
+    """Advantage scaling: `group` std (GRPO), `none` (Dr.GRPO) or `batch` std. Stds are
+    population stds (defined for a group of 1, and the advantages then have unit variance):
+    at group_size=8 they are 1.069x TRL's sample-std advantages, like a 7% larger lr."""
     clip_low: float = 0.2
     """Lower PPO clip range: ratio >= 1 - clip_low."""
     clip_high: float = 0.28
     """Upper PPO clip range (DAPO clip-higher): ratio <= 1 + clip_high."""
     beta: float = 0.0
-    """k3 KL coefficient to the frozen reference; 0 loads no reference model."""
+    """k3 KL coefficient to the frozen reference; 0 loads no reference model. As in GRPO's
+    paper (and TRL, verl), the k3 term's logged value estimates KL(pi || ref) while its
+    gradient is that of KL(ref || pi) (the two agree to second order near ref)."""
     loss_agg: LossAgg = LossAgg.token_mean
     """How per-token losses are averaged."""
     tis_cap: float = 2.0
@@ -477,7 +486,9 @@ class DistillConfig:
     lm_coef: float = 0.0
     """Weight of an NLL term on GSM8K reference solutions (MiniLLM's language-modelling loss)."""
     jsd_beta: float = 0.5
-    """GKD: 0 is forward KL, 1 reverse KL."""
+    """GKD: 0 is forward KL, 1 reverse KL. The generalised JSD is divided by beta (1 - beta)
+    so that it tends to the forward/reverse KL at the ends (Agarwal et al.); at 0.5 that makes
+    the loss (and its gradient) 4x TRL's GKDTrainer, like a 4x learning rate."""
     lmbda: float = 0.5
     """GKD: fraction of steps trained on student samples; the rest on GSM8K reference solutions."""
     temperature: float = 1.0

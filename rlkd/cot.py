@@ -1,6 +1,6 @@
 """Teacher chain-of-thought generation and filtering (task=cot).
 
-    python -m rlkd.train recipe=cot_gsm8k data.path=../shared/data/gsm8k
+    python -m rlkd.train recipe=cot_gsm8k
 
     for each chunk of training questions:
         for each temperature: the teacher (model.name on the vLLM rollout actors) writes k samples
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlkd.config import Config, ConfigError, PromptMode
+from rlkd.console import out, terminal
 from rlkd.data import Example, build_prompt, load_split
 from rlkd.filters import apply_filters, report_markdown, strip_calculator
 from rlkd.grpo import init_ray
@@ -87,7 +88,7 @@ def generate_samples(cfg: Config, tokenizer, examples: list[Example], rollouts: 
     gold_tokens = {ex.id: len(tokenizer(gold_text(ex, c.strip_calculator), add_special_tokens=False)["input_ids"])
                    for ex in examples}
     samples, tokens, gen_seconds, start = [], 0, 0.0, time.perf_counter()
-    bar = tqdm(total=len(examples), desc=f"cot ({c.prompt_mode.value})", unit="q", dynamic_ncols=True)
+    bar = tqdm(total=len(examples), desc=f"cot ({c.prompt_mode.value})", unit="q", dynamic_ncols=True, file=terminal())
     for c0 in range(0, len(examples), c.batch_questions):
         chunk = examples[c0:c0 + c.batch_questions]
         prompts = [teacher_prompt(tokenizer, ex, cfg) for ex in chunk]
@@ -219,9 +220,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     report["throughput"] = throughput
     write_outputs(samples, kept, report, cfg, run_dir)
     (run_dir / "cot_metrics.json").write_text(json.dumps(throughput, indent=2))
-    print(report_markdown(report, cfg.filter))
+    out(report_markdown(report, cfg.filter))
     if throughput:
-        print(f"teacher throughput: {throughput['questions_per_min']:.1f} questions/min, "
+        out(f"teacher throughput: {throughput['questions_per_min']:.1f} questions/min, "
               f"{throughput['tokens_per_s']:.0f} tokens/s")
-    print(f"kept dataset: {run_dir / 'kept.jsonl'}")
+    out(f"kept dataset: {run_dir / 'kept.jsonl'}")
     return report

@@ -1,9 +1,10 @@
 """GSM8K loading, prompt formatting and the training prompt stream.
 
-`load_split` reads a split from a local jsonl/parquet file (or directory of them) or from the
-hub, validating every row into an `Example`; a bad row is a one-line `DataError` naming its
-file and line. `build_prompt` renders a question with the model's chat template, and
-`PromptSampler` hands out shuffled examples epoch after epoch, resumable from a checkpoint.
+`load_split` reads a split from a local jsonl/parquet file (or directory of them), from the hub
+(`data.hub_id`), or by default from the GSM8K copy shipped in rlkd/datasets/gsm8k, validating
+every row into an `Example`; a bad row is a one-line `DataError` naming its file and line.
+`build_prompt` renders a question with the model's chat template, and `PromptSampler` hands out
+shuffled examples epoch after epoch, resumable from a checkpoint.
 """
 
 import json
@@ -24,6 +25,7 @@ logger = logging.getLogger("rlkd.data")
 
 HUB_PROBE_TIMEOUT_S = 5.0  # datasets retries an unreachable hub for ~25 s; we ask once
 _LOCAL_FORMATS = (".jsonl", ".parquet")
+EMBEDDED_GSM8K = Path(__file__).parent / "datasets" / "gsm8k"
 
 
 @dataclass(frozen=True)
@@ -40,8 +42,8 @@ class DataError(InputError):
 
 def load_split(cfg: DataConfig, split: str, limit: int = 0) -> list[Example]:
     """Validated examples of `split` (all of them, or the first `limit`)."""
-    if cfg.path:
-        path = _resolve_local(Path(cfg.path).expanduser(), split)
+    if cfg.path or not cfg.hub_id:
+        path = _resolve_local(Path(cfg.path).expanduser() if cfg.path else EMBEDDED_GSM8K, split)
         # Ids use the folder name, not the full path, so they survive copying the data elsewhere.
         source, split, origin = path.parent.name, path.stem, str(path)
         rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _parquet_rows(path)

@@ -31,7 +31,7 @@ from transformers import AutoTokenizer
 
 from rewards import compute_rewards, load_reward
 from rlkd.config import Config, DistillObjective, StudentInit
-from rlkd.console import close_quietly, say
+from rlkd.console import close_quietly, out, say, terminal
 from rlkd.data import Example, PromptSampler, build_prompt, load_split
 from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
 from rlkd.eval import score
@@ -60,7 +60,7 @@ def build_student(cfg: Config, run_dir: Path, teacher_path: str) -> str:
     if cfg.student.init == StudentInit.prune:
         path = run_dir / "student-init"
         counts = prune(teacher_path, path, cfg.student.layers)
-        print(f"rlkd: pruned student {path}: {counts['student_layers']} layers, "
+        out(f"rlkd: pruned student {path}: {counts['student_layers']} layers, "
               f"{counts['student_params']:,} parameters (teacher {counts['teacher_params']:,})")
         return str(path)
     return str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
@@ -142,7 +142,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     N = g.prompts_per_step * g.group_size
     metrics: dict[str, float] = {}
     step = 0
-    bar = tqdm(range(1, t.max_steps + 1), desc=d.objective.value, unit="step", dynamic_ncols=True)
+    bar = tqdm(range(1, t.max_steps + 1), desc=d.objective.value, unit="step", dynamic_ncols=True, file=terminal())
     try:
         tracker.log(0, {**sizes, **(held_out_metrics() if t.eval_every else {})})
         for step in bar:
@@ -169,7 +169,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                         reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
                         prompts=repeat_each(prompts, g.group_size),
                         answer=repeat_each([ex.answer for ex in examples], g.group_size),
-                        question=repeat_each([ex.question for ex in examples], g.group_size))
+                        question=repeat_each([ex.question for ex in examples], g.group_size),
+                        truncated=gen.truncated, completion_tokens=[len(c) for c in gen.completion_ids])
                     if d.task_coef:
                         advantages = group_advantages(torch.tensor(rewards_N), g.group_size,
                                                       scale=g.adv_scale.value)[0].tolist()

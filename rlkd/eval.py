@@ -1,6 +1,6 @@
 """GSM8K evaluation and paired comparison.
 
-    python -m rlkd.eval model.name=smollm2-135m-instruct data.path=../shared/data/gsm8k
+    python -m rlkd.eval model.name=smollm2-135m-instruct
     python -m rlkd.eval eval.compare=[runs/a/predictions.jsonl,runs/b/predictions.jsonl]
 
 Generation runs on vLLM in this process (no Ray needed); scoring uses the same answer parser as
@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from rlkd.answer import answers_match, extract_answer
 from rlkd.compose import from_cli
 from rlkd.config import Config, ConfigError, DataConfig, InputError
+from rlkd.console import out, terminal
 from rlkd.data import Example, build_prompt, load_split, split_held_out
 from rlkd.hardware import rollout_dtype
 from rlkd.models import count_parameters, resolve_model
@@ -40,7 +41,7 @@ def score(generate: Generate, tokenizer, examples: list[Example], data: DataConf
     prompts = [build_prompt(tokenizer, ex.question, data) for ex in examples]
     parts = []
     # Chunks only drive the progress bar: 64 concurrent sequences already saturate a CPU engine.
-    with tqdm(total=len(prompts), desc="eval", unit="q", dynamic_ncols=True, disable=len(prompts) <= chunk) as bar:
+    with tqdm(total=len(prompts), desc="eval", unit="q", dynamic_ncols=True, file=terminal(), disable=len(prompts) <= chunk) as bar:
         for start in range(0, len(prompts), chunk):
             parts.append(generate(prompts[start:start + chunk], spec))
             bar.update(len(parts[-1].prompt_ids))
@@ -132,9 +133,9 @@ def print_summary(model: str, split: str, metrics: dict, run_dir: Path, title: s
 
 def print_table(rows: list[tuple[str, str]], title: str) -> None:
     width = max(len(k) for k, _ in rows)
-    print(f"\n{title}")
+    out(f"\n{title}")
     for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+        out(f"  {k:<{width}}  {v}")
 
 
 def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:

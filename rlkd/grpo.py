@@ -22,9 +22,9 @@ from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 
 from rlkd.config import Config, Overlong
-from rlkd.console import close_quietly, say
+from rlkd.console import close_quietly, out, say, terminal
 from rlkd.data import PromptSampler
-from rlkd.eval import score
+from rlkd.eval import score, write_results
 from rlkd.hardware import resolve_rollout_dtype
 from rlkd.learner import LearnerActor, TrainBatch
 from rlkd.losses import group_advantages
@@ -102,7 +102,7 @@ def start_learners(cfg: Config, model_path: str, placement: Placement) -> list[r
 def start_rollouts(cfg: Config, model_path: str, placement: Placement) -> list[ray.actor.ActorHandle]:
     """rollout.num_actors vLLM engines in their bundles, started (blocks until they are)."""
     dtype, why = resolve_rollout_dtype(cfg.rollout.dtype.value, gpu=cfg.rollout.gpus_per_actor > 0)
-    print(f"[rlkd] rollout precision: {dtype} ({why})", flush=True)
+    out(f"[rlkd] rollout precision: {dtype} ({why})")
     rollouts = [
         RolloutActor.options(**placement.options(slot), max_restarts=cfg.rollout.max_restarts).remote(
             model_path,
@@ -130,6 +130,7 @@ def start_actors(cfg: Config, model_path: str, learner: ray.actor.ActorHandle | 
     learners = [learner] if learner is not None else start_learners(cfg, model_path, placement)
     rollouts = start_rollouts(cfg, model_path, placement)
     learner = learners[0]
+    out(f"[rlkd] learner precision: {ray.get(learner.precision.remote())}")
     if use_gpu:
         transport = "nccl"
         world = nccl_world_size(cfg.rollout.num_actors, cfg.rollout.tensor_parallel_size)
@@ -197,7 +198,7 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
     resume_from = resume_checkpoint(cfg, run_dir)
     start_step = checkpoint_step(resume_from) if resume_from else 0
     if start_step >= t.max_steps:
-        print(f"rlkd: {resume_from} is at step {start_step}, trainer.max_steps={t.max_steps}: "
+        out(f"rlkd: {resume_from} is at step {start_step}, trainer.max_steps={t.max_steps}: "
               "nothing left to train")
         return {}
 
@@ -222,12 +223,21 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
     step = done = saved = start_step  # current, last finished and last checkpointed step
     done_state = None
 
+    def held_out(step: int) -> dict[str, float]:
+        """Greedy accuracy on the eval set; its predictions go to eval/step-N/ for eval.compare."""
+        preds, m = guard("eval", partial(score, partial(generate_sharded, actors.rollouts), tokenizer,
+                                         eval_set, cfg.data, eval_spec))
+        out = run_dir / "eval" / f"step-{step}"
+        out.mkdir(parents=True, exist_ok=True)
+        write_results(out, f"step {step}", preds, m)
+        return {f"eval/{k}": v for k, v in m.items()}
+
     def checkpoint() -> None:
         nonlocal saved
         save_checkpoint(actors, run_dir, done, t.keep_checkpoints, done_state)
         saved = done
 
-    bar = tqdm(range(start_step + 1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True,
+    bar = tqdm(range(start_step + 1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True, file=terminal(),
                initial=start_step, total=t.max_steps)
     try:
         if resume_from:
@@ -235,6 +245,8 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
             _, bad_steps = restore_driver_state(state, sampler)
             sync_weights(actors)
             bar.write(f"rlkd: resumed from {resume_from}")
+        elif t.eval_every:  # the untrained policy, so the curve and eval/ start from it
+            tracker.log(0, held_out(0))
         for step in bar:
             timer, start = Timer(), time.perf_counter()
             with timer("generate"):
@@ -270,10 +282,7 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                 "time/step": time.perf_counter() - start,
             })
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                _, eval_metrics = guard("eval", partial(
-                    score, partial(generate_sharded, actors.rollouts), tokenizer, eval_set,
-                    cfg.data, eval_spec))
-                metrics.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+                metrics.update(held_out(step))
             done = step
             done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
             if t.save_every and step % t.save_every == 0:
@@ -313,7 +322,9 @@ def _postfix(m: dict[str, float]) -> dict[str, str]:
 
 def _plots(run_dir: Path, cfg: Config) -> None:
     path = run_dir / "metrics.jsonl"
-    reward_keys = ["reward/total_mean", *[f"reward/{reward_name(f)}" for f in cfg.rewards.funcs], "eval/accuracy"]
+    per_fn = [f"reward/{reward_name(f)}" for f in cfg.rewards.funcs]
+    # With one reward the total is that reward again (times its weight): one panel, not two.
+    reward_keys = [*(["reward/total_mean"] if len(per_fn) > 1 else []), *per_fn, "eval/accuracy"]
     plot_curves(path, reward_keys, run_dir / "rewards.png", "GRPO rewards and held-out accuracy")
     plot_curves(path, ["completion/mean_tokens", "train/clip_frac", "train/logp_mismatch", "train/kl",
                        "time/generate", "time/train", "time/sync"], run_dir / "training.png", "GRPO training")

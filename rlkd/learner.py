@@ -152,8 +152,7 @@ class Learner:
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         self.compute_dtype, why = resolve_learner_dtype(cfg.learner.dtype.value)
-        if rank == 0:
-            print(f"[rlkd] learner precision: {self.compute_dtype} ({why})", flush=True)
+        self.precision_note = f"{self.compute_dtype} ({why})"
         # autocast_bf16 keeps fp32 weights (DeepSpeed's master copy and AdamW state stay fp32)
         # and runs the matmuls in bf16; `bfloat16` stores the weights in bf16 (DeepSpeed bf16).
         self.autocast = torch.bfloat16 if self.compute_dtype == "autocast_bf16" else None
@@ -503,6 +502,10 @@ class Learner:
     def steps_done(self) -> int:
         """Training steps applied since the start of the run (resumes included)."""
         return self.version
+
+    def precision(self) -> str:
+        """The compute precision and why it was chosen, for the driver to print."""
+        return self.precision_note
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

@@ -96,4 +96,6 @@ def check_rewards(reward_fns: dict[str, Callable], reward_weights: dict[str, flo
     compute_rewards(reward_fns, reward_weights, completions, on_error="raise",
                     prompts=[p for p in prompts for _ in range(k)],
                     answer=[ex.answer for ex in rows for _ in range(k)],
-                    question=[ex.question for ex in rows for _ in range(k)])
+                    question=[ex.question for ex in rows for _ in range(k)],
+                    truncated=[False] * len(completions),
+                    completion_tokens=[len(tokenizer(c, add_special_tokens=False).input_ids) for c in completions])

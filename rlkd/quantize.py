@@ -1,7 +1,7 @@
 """4-bit post-training quantization of a student, and its evaluation on transformers.
 
     python -m rlkd.quantize SRC DST [--group-size 64]          # int4 checkpoint in DST
-    python -m rlkd.quantize --eval model.name=DST data.path=../shared/data/gsm8k eval.num_samples=50
+    python -m rlkd.quantize --eval model.name=DST eval.num_samples=50
 
 Weights: torchao's CPU int4 layout (`Int4OpaqueTensor`): every nn.Linear of the decoder, asymmetric
 4-bit integers with one bf16 scale and zero point per `group_size` input weights, two weights

@@ -31,7 +31,7 @@ from ray.exceptions import (
 )
 
 from rlkd.config import Interrupted, RunStopped, TrainerConfig
-from rlkd.console import say
+from rlkd.console import one_line, say
 from rlkd.resume import checkpoint_step, complete_checkpoints
 
 logger = logging.getLogger("rlkd.recovery")
@@ -40,6 +40,7 @@ RESTART_TIMEOUT_S = 900.0  # a vLLM engine starts in ~35 s on an idle CPU; minut
 # What a call on an actor raises when its process dies: killed, crashed, or killed by Ray's
 # memory monitor (which reports OutOfMemoryError instead of the actor's death).
 ACTOR_FAILURES = (RayActorError, RayTaskError, OutOfMemoryError)
+HEALTH_TIMEOUT_S = 120.0  # a one-token generate on every engine, after a call raised
 DIED_RETRIES = 30  # seconds of "actor died" answers tolerated while Ray notices and restarts it
 
 
@@ -51,8 +52,14 @@ class LearnerDiedError(RunStopped):
     """The learner actor died; the run stops and can be resumed from its last checkpoint."""
 
 
+class RolloutCallError(RunStopped):
+    """A call raised inside rollout actors that still work: retrying it would fail the same way."""
+
+
 class RolloutGuard:
-    """Runs a call on the rollout actors, restoring them and retrying when one fails."""
+    """Runs a call on the rollout actors, restoring them and retrying when one fails. An error
+    raised by an actor whose engine still answers (vLLM rejecting a parameter, say) is the
+    call's own, not a failure: it stops the run at once, in one line."""
 
     def __init__(self, learner, rollouts: list, resync: Callable[[], None], max_restarts: int):
         self.learner, self.rollouts, self.resync = learner, rollouts, resync
@@ -64,6 +71,9 @@ class RolloutGuard:
             try:
                 return fn()
             except ACTOR_FAILURES as e:
+                if isinstance(e, RayTaskError) and self._all_healthy():
+                    raise RolloutCallError(f"{what} failed, not retried (the rollout actors are "
+                                           f"healthy): {one_line(e)}") from None
                 # A weight sync also fails when the learner died: that is not ours to restart.
                 ray.get(self.learner.steps_done.remote(), timeout=RESTART_TIMEOUT_S)
                 self.failures += 1
@@ -85,6 +95,14 @@ class RolloutGuard:
                         f"rollout actor could not be restarted after a failure during {what} "
                         f"({one_line(e)}): {one_line(restart_error)}"
                     ) from restart_error
+
+
+    def _all_healthy(self) -> bool:
+        try:
+            ray.get([a.check_engine.remote() for a in self.rollouts], timeout=HEALTH_TIMEOUT_S)
+            return True
+        except (RayError, TimeoutError):
+            return False
 
 
 def restore(actor) -> None:
@@ -206,8 +224,3 @@ def shutdown(learners: list, rollouts: list) -> None:
             ray.get(ref, timeout=120)
         except (RayError, TimeoutError) as e:
             logger.warning("actor shutdown failed: %s", one_line(e))
-
-
-def one_line(e: BaseException) -> str:
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__

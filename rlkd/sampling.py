@@ -50,7 +50,8 @@ def score(cfg: Config, reward_fns: dict[str, Callable], reward_weights: dict[str
     rewards_N, per_fn, errors = compute_rewards(
         reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
         prompts=_repeat(prompts, G), answer=_repeat([ex.answer for ex in examples], G),
-        question=_repeat([ex.question for ex in examples], G))
+        question=_repeat([ex.question for ex in examples], G), truncated=gen.truncated,
+        completion_tokens=[len(c) for c in gen.completion_ids])
     g, lengths = cfg.grpo, torch.tensor([len(c) for c in gen.completion_ids])
     penalty_N, over = overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
     if g.overlong == Overlong.penalty:

@@ -1,6 +1,6 @@
 """Supervised fine-tuning warm start (task=sft) on the same DeepSpeed learner actor as GRPO.
 
-    python -m rlkd.train recipe=sft_gsm8k data.path=../shared/data/gsm8k sft.data=runs/cot-…/kept.jsonl
+    python -m rlkd.train recipe=sft_gsm8k sft.data=runs/cot-…/kept.jsonl
 
     examples (filtered teacher CoT, or GSM8K's gold rationales) -> chat-templated prompt + target
     for each epoch, each shuffled batch: learner NLL step on target tokens only
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rlkd.config import Config, ConfigError, SFTTarget
-from rlkd.console import close_quietly, say
+from rlkd.console import close_quietly, out, say, terminal
 from rlkd.cot import gold_text
 from rlkd.data import build_prompt, load_split, split_held_out
 from rlkd.eval import score
@@ -130,7 +130,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     if eval_acc:
         eval_set = (split_held_out(cfg.data, load_split(cfg.data, cfg.data.split))[1][:t.eval_samples]
                     if cfg.data.held_out else load_split(cfg.data, cfg.data.eval_split, limit=t.eval_samples))
-    print(f"sft: {len(data)} examples ({dropped} longer than sft.max_seq_len dropped), {held_out} held out, "
+    out(f"sft: {len(data)} examples ({dropped} longer than sft.max_seq_len dropped), {held_out} held out, "
           f"{len(plan)} steps of {s.batch_size}, target={s.target.value}, packing={s.packing}")
     (run_dir / "sft_data.json").write_text(json.dumps(
         {"examples": len(data), "dropped_too_long": dropped, "held_out": held_out, "steps": len(plan),
@@ -139,6 +139,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     init_ray(cfg)
     learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
         cfg, model_path, master_port=free_port())
+    out(f"[rlkd] learner precision: {ray.get(learner.precision.remote())}")
     rollouts = [RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
         model_path, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
         enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
@@ -151,7 +152,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     pack_len = s.max_seq_len if s.packing else 0
     metrics: dict[str, float] = {}
     step = 0
-    bar = tqdm(plan, desc="sft", unit="step", dynamic_ncols=True)
+    bar = tqdm(plan, desc="sft", unit="step", dynamic_ncols=True, file=terminal())
     try:
         for step, idx in enumerate(bar, 1):
             start = time.perf_counter()
@@ -172,7 +173,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                              {"loss": "train/loss", "heldout": "eval/heldout_nll", "acc": "eval/accuracy",
                               "s/step": "time/step"}.items() if v in metrics})
         path = save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
-        print(f"sft checkpoint: {path}\n  next: python -m rlkd.train recipe=grpo_gsm8k model.name={path}")
+        out(f"sft checkpoint: {path}\n  next: python -m rlkd.train recipe=grpo_gsm8k model.name={path}")
     except (RayActorError, OutOfMemoryError) as e:
         raise actor_died(e, step, run_dir) from e
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """The one-command distillation study (task=study): every variant from one recipe, one report.
 
-    python -m rlkd.train recipe=distill_gsm8k data.path=../shared/data/gsm8k run.dir=runs/study
+    python -m rlkd.train recipe=distill_gsm8k run.dir=runs/study
 
     the student (pruned out of the teacher) -> GSM8K's gold rationales as a dataset
     for each seed:
@@ -38,6 +38,7 @@ from pathlib import Path
 from rlkd.compose import changes, hydra_value, load_config
 from rlkd.config import Config, ConfigError, RunStopped, StudyConfig, StudyScale
 from rlkd.config import StudyVariant as V
+from rlkd.console import out, say
 from rlkd.hardware import rollout_dtype
 from rlkd.study_report import Row, write_report
 
@@ -395,14 +396,14 @@ class Study:
         validate(self.cfg)
         self.preflight()
         stages = self.plan()
-        print(f"rlkd: study of {len(stages)} stages in {self.root} (seeds {self.s.seeds}, scale "
-              f"{self.s.scale.value}); rerun with run.dir={self.root} to resume", flush=True)
+        out(f"rlkd: study of {len(stages)} stages in {self.root} (seeds {self.s.seeds}, scale "
+              f"{self.s.scale.value}); rerun with run.dir={self.root} to resume")
         start = time.perf_counter()
         for i, stage in enumerate(stages, 1):
             self.run_stage(stage, f"[{i}/{len(stages)}] {stage.name}")
         path = write_report(self.root, self.header(), {seed: self.rows(seed) for seed in self.s.seeds},
                             self.states(), self.not_run())
-        print(f"rlkd: study finished in {_clock(time.perf_counter() - start)}: {path}")
+        out(f"rlkd: study finished in {_clock(time.perf_counter() - start)}: {path}")
         return path
 
     def run_stage(self, stage: Stage, tag: str) -> None:
@@ -410,13 +411,13 @@ class Study:
         if (d / MARKER).is_file():
             done = json.loads((d / MARKER).read_text())
             self.check_unchanged(stage, done)
-            print(f"{tag}: done earlier, skipped", flush=True)
+            out(f"{tag}: done earlier, skipped")
             self.log(stage, "skipped", done)
             return
         try:
             args = stage.args()
         except NoInput as e:
-            print(f"{tag}: not run: {e}", flush=True)
+            out(f"{tag}: not run: {e}")
             self.log(stage, "no_input", {"reason": str(e)})
             return
         shutil.rmtree(d, ignore_errors=True)  # what a killed attempt left
@@ -424,18 +425,18 @@ class Study:
         argv = [sys.executable, "-m", stage.module, *args]
         record = {"command": shlex.join(["python", "-m", stage.module, *args]), "seed": stage.seed,
                   "root": str(self.root)}
-        print(f"{tag}: running ({d / 'stage.log'})", flush=True)
+        out(f"{tag}: running ({d / 'stage.log'})")
         started = time.perf_counter()
         rc = self.execute(argv, d / "stage.log")
         record["seconds"] = time.perf_counter() - started
         if rc != 0:
             self.log(stage, "failed", {**record, "exit": rc})
             tail = (d / "stage.log").read_text(errors="replace").splitlines()[-15:] if (d / "stage.log").exists() else []
-            print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
+            say("\n".join(f"    {line}" for line in tail))
             raise RunStopped(f"stage {stage.name} failed (exit {rc}), log {d / 'stage.log'}; fix it and rerun "
                              f"the same command with run.dir={self.root} to resume")
         _write_json(d / MARKER, {**record, "finished": datetime.now().isoformat(timespec="seconds")})
-        print(f"{tag}: done in {_clock(record['seconds'])}", flush=True)
+        out(f"{tag}: done in {_clock(record['seconds'])}")
         self.log(stage, "done", record)
 
     def check_unchanged(self, stage: Stage, done: dict) -> None:

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import statistics
+import textwrap
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: figures are written to PNG, never shown
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 
 from rlkd.filters import strip_calculator  # noqa: E402
 from rlkd.stats import mcnemar_exact  # noqa: E402
@@ -389,17 +391,51 @@ def efficiency_figure(results: list[Result], out: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, xlabel in ((axes[0], "parameters", "parameters (M)"),
                             (axes[1], "latency_per_sample_s", "latency per sample (s, batched)")):
-        for r in results:
-            x = r.metrics[key] / (1e6 if key == "parameters" else 1)
-            ax.scatter(x, r.metrics["accuracy"], s=30)
-            ax.annotate(r.row.key, (x, r.metrics["accuracy"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        points = [(r.metrics[key] / (1e6 if key == "parameters" else 1), r.metrics["accuracy"]) for r in results]
+        for x, y in points:
+            ax.scatter(x, y, s=30)
         ax.set(xlabel=xlabel, ylabel="accuracy")
         ax.grid(alpha=0.3)
+        ax.margins(x=0.25, y=0.15)  # room for the labels beside the outermost points
     fig.suptitle(title)
     fig.tight_layout()
+    for ax, key in zip(axes, ("parameters", "latency_per_sample_s"), strict=True):
+        points = [(r.metrics[key] / (1e6 if key == "parameters" else 1), r.metrics["accuracy"]) for r in results]
+        place_labels(ax, points, [r.row.key for r in results])
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
+
+
+def place_labels(ax, points: list[tuple[float, float]], labels: list[str], fontsize: int = 7) -> list:
+    """Label points without overlaps (study variants often share a parameter count and an
+    accuracy): points that coincide on screen share one label listing them, and a label that
+    would cover one already placed moves a line up or down, tied to its point by a thin line."""
+    renderer = ax.figure.canvas.get_renderer()
+    clusters: list[tuple[tuple[float, float], list[str]]] = []
+    for (x, y), label in zip(points, labels, strict=True):
+        px, py = ax.transData.transform((x, y))
+        near = next((c for c in clusters if abs(c[0][0] - px) < 4 and abs(c[0][1] - py) < 4), None)
+        if near:
+            near[1].append(label)
+        else:
+            clusters.append(((px, py), [label]))
+    placed, out = [], []
+    for (px, py), names in sorted(clusters, key=lambda c: (-c[0][1], c[0][0])):
+        text = "\n".join(textwrap.wrap(", ".join(names), 36))
+        xy = ax.transData.inverted().transform((px, py))
+        shifts = [0, *[s * k for k in range(1, 4 * len(points) + 1) for s in (-1, 1)]]
+        for shift in shifts:
+            note = ax.annotate(text, xy, xytext=(5, 2 + 1.4 * fontsize * shift), textcoords="offset points",
+                               fontsize=fontsize, va="center" if "\n" in text else "baseline",
+                               arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if shift else None)
+            note.update_positions(renderer)  # moves the text to its offset, as drawing would
+            box = Text.get_window_extent(note, renderer)  # the text alone, not its leader line
+            if not any(box.overlaps(b) for b in placed) or shift == shifts[-1]:
+                break
+            note.remove()
+        placed.append(box)
+        out.append(note)
     return out
 
 

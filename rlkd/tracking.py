@@ -76,16 +76,34 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+SMOOTH_FROM = 8  # points in a panel from which a running mean is drawn over the raw values
+
+
 def plot_curves(metrics_path: Path, keys: list[str], out: Path, title: str) -> Path | None:
-    """One panel per key (steps on x); keys absent from every row are left out."""
+    """One panel per key (steps on x); keys absent from every row are left out. A key logged
+    with `<key>_ci_low`/`_ci_high` (accuracies) gets its 95% interval as error bars; a long
+    noisy series gets a running mean over a tenth of its points, drawn over the raw values."""
     rows = read_metrics(metrics_path)
     keys = [k for k in keys if any(k in r for r in rows)]
     if not keys:
         return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(7, 2.4 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys, strict=True):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts, strict=True), marker="o" if len(pts) < 30 else None, ms=3)
+        pts = [(r["step"], r[key], r.get(f"{key}_ci_low"), r.get(f"{key}_ci_high")) for r in rows if key in r]
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        if all(p[2] is not None and p[3] is not None for p in pts):
+            err = [[v - p[2] for v, p in zip(values, pts, strict=True)], [p[3] - v for v, p in zip(values, pts, strict=True)]]
+            ax.errorbar(steps, values, yerr=err, marker="o", ms=4, capsize=3, label="95% CI")
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7)
+        elif len(pts) >= SMOOTH_FROM:
+            w = max(3, len(pts) // 10)
+            mean = [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+            ax.plot(steps, values, alpha=0.35, lw=1, label="per step")
+            ax.plot(steps, mean, lw=2, label=f"mean of last {w}")
+            ax.legend(fontsize=7)
+        else:
+            ax.plot(steps, values, marker="o", ms=3)
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")

@@ -1,10 +1,11 @@
 """Entry point: `python -m rlkd.train recipe=NAME [key=value ...]` (`--help` lists every key)."""
 
 import sys
+import traceback
 
 from rlkd.compose import from_cli
 from rlkd.config import Config, InputError, Interrupted, RunStopped, Task
-from rlkd.console import say, silence
+from rlkd.console import capture, captured, one_line, out, say, silence
 from rlkd.tracking import make_run_dir
 
 # Task modules import Ray, vLLM and DeepSpeed (~30 s); they load only after the config is
@@ -54,7 +55,9 @@ TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft, Tas
 def main(argv: list[str]) -> None:
     cfg, recipe = from_cli(argv, default_recipe=None)
     run_dir = make_run_dir(cfg, recipe)
-    print(f"rlkd: {cfg.task.value} run in {run_dir}")
+    log = run_dir / "logs" / "run.log"
+    out(f"rlkd: {cfg.task.value} run in {run_dir}" + (f" (library output: {log})" if cfg.run.quiet else ""))
+    restore = capture(log) if cfg.run.quiet else None
     try:
         TASKS[cfg.task](cfg, run_dir)
     except Interrupted as e:
@@ -62,7 +65,23 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:  # before a task's loop began: nothing trained, nothing to save
         exit_interrupted(f"rlkd: interrupted while starting; nothing was trained ({run_dir})")
     except (InputError, RunStopped) as e:
-        raise SystemExit(f"rlkd: error: {e}") from None
+        fail(f"rlkd: error: {e}")
+    except Exception as e:
+        if not cfg.run.quiet:
+            raise
+        traceback.print_exc()  # into the log, beside what the libraries printed before it
+        fail(f"rlkd: error: {one_line(e)} (traceback in {log})")
+    finally:
+        if restore:
+            restore()
+
+
+def fail(message: str) -> None:
+    """Exit 1 with `message`: the interpreter prints it once `main`'s finally has given the
+    terminal back its fds; the log gets it now."""
+    if captured():
+        print(message, file=sys.stderr, flush=True)
+    raise SystemExit(message)
 
 
 def exit_interrupted(message: str) -> None:

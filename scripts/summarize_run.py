@@ -20,7 +20,8 @@ def main() -> None:
     path = args.run_dir / "metrics.jsonl"
     if not path.exists():
         raise SystemExit(f"{path}: no such file (is {args.run_dir} a run directory?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Step 0 holds only the untrained policy's eval.
+    rows = [r for line in path.read_text().splitlines() if line.strip() and "time/step" in (r := json.loads(line))]
     timed = rows[args.skip_first:] or rows
     step = sum(r["time/step"] for r in timed) / len(timed)
     print(f"{len(rows)} steps; timing over steps {timed[0]['step']}..{timed[-1]['step']}")

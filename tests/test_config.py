@@ -155,6 +155,8 @@ def test_every_field_has_a_docstring(cls):
         (["learner.lr=-1"], ["learner.lr=-1.0 must be > 0"]),
         (["rollout.temperature=-0.5"], ["rollout.temperature=-0.5 must be >= 0"]),
         (["rollout.top_p=1.5"], ["rollout.top_p=1.5 must be in (0, 1]"]),
+        # A nucleus biases GRPO's importance weights: refused for training at start-up.
+        (["rollout.top_p=0.9"], ["rollout.top_p=0.9", "biased", "rollout.top_p=1"]),
         (["learner.max_grad_norm=0"], ["learner.max_grad_norm=0.0 must be > 0"]),
         (["rollout.gpu_memory_utilization=0"], ["rollout.gpu_memory_utilization=0.0 must be in (0, 1]"]),
         (["grpo.mini_batches=3"], ["grpo.mini_batches=3", "does not divide", "=16"]),
@@ -341,3 +343,8 @@ def test_train_entry_point_bad_key_is_a_one_line_error(tmp_path):
     assert proc.stderr.rstrip().splitlines()[-1] == errors[0]
     assert "'trainer.max_steps'" in errors[0]
     assert not list(tmp_path.iterdir()), "a config error must not create a run directory"
+
+
+def test_a_nucleus_is_free_where_nothing_trains_on_its_logprobs():
+    for recipe in ("eval_gsm8k", "cot_gsm8k", "sft_gsm8k"):
+        assert load_config(recipe, ["rollout.top_p=0.9"]).rollout.top_p == 0.9

@@ -136,7 +136,7 @@ def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     start = time.monotonic()
     with pytest.raises(DataError) as err:
-        load_split(DataConfig(), "test")
+        load_split(DataConfig(hub_id="openai/gsm8k"), "test")
     assert time.monotonic() - start < 30
     message = str(err.value)
     assert "cannot reach the Hugging Face hub" in message and "openai/gsm8k" in message
@@ -230,3 +230,14 @@ def test_sampler_resume_continues_identically():
     assert resumed.next(17) == original.next(17)
     with pytest.raises(ValueError, match="7 examples"):
         PromptSampler(examples(8), seed=11).load_state_dict(state)
+
+
+@needs_gsm8k
+@pytest.mark.parametrize("split, n", [("train", 7473), ("test", 1319)])
+def test_default_is_the_shipped_gsm8k(split, n):
+    # No data.path and no hub id: the copy inside the package, row for row the same examples
+    # (same ids, so predictions compare) as the reference copy beside the checkout.
+    shipped = load_split(DataConfig(), split)
+    reference = load_split(DataConfig(path=str(GSM8K_DIR)), split)
+    assert len(shipped) == n and shipped == reference
+    assert shipped[0].id == f"gsm8k:{split}:0"

@@ -4,11 +4,13 @@ method names), so this runs in seconds; test_e2e_actor_failure.py kills the real
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import ray
 
-from rlkd.recovery import RolloutFailedError, RolloutGuard
+from rlkd.recovery import RolloutCallError, RolloutFailedError, RolloutGuard
 
 pytestmark = pytest.mark.e2e  # starts a Ray instance
 
@@ -85,6 +87,43 @@ def test_failures_beyond_max_restarts_stop_with_one_line():
                     r"generate: Actor(Died|Unavailable)Error: ", message), message
 
 
+@ray.remote(max_restarts=5)
+class Rejecting:
+    """Raises on every generate call, as vLLM does for a parameter it rejects; its engine works
+    unless `engine_dead`, like an actor alive around a vLLM engine that died."""
+
+    def __init__(self, counter, engine_dead: bool):
+        self.counter, self.engine_dead = counter, engine_dead
+
+    def generate(self, prompt: str) -> str:
+        ray.get(self.counter.bump.remote("generate"))
+        raise ValueError("temperature must be non-negative, got -0.5.\nmore detail")
+
+    def check_engine(self) -> None:
+        if self.engine_dead:
+            raise RuntimeError("engine dead")
+
+
+def test_an_error_from_a_healthy_actor_stops_at_once_in_one_line():
+    counter = Counter.remote()
+    actor = Rejecting.remote(counter, engine_dead=False)
+    guard = RolloutGuard(counter, [actor], lambda: None, max_restarts=3)
+    with pytest.raises(RolloutCallError) as info:
+        guard("generate", lambda: ray.get(actor.generate.remote("q")))
+    assert str(info.value) == ("generate failed, not retried (the rollout actors are healthy): "
+                               "ValueError: temperature must be non-negative, got -0.5.")
+    assert guard.failures == 0 and ray.get(counter.bump.remote("generate")) == 2  # called once
+
+
+def test_an_error_from_an_actor_with_a_dead_engine_is_a_failure():
+    counter = Counter.remote()
+    actor = Rejecting.remote(counter, engine_dead=True)
+    guard = RolloutGuard(counter, [actor], lambda: None, max_restarts=1)
+    with pytest.raises(RolloutFailedError) as info:  # restarted, and the restart checked
+        guard("generate", lambda: ray.get(actor.generate.remote("q")))
+    assert guard.failures == 1 and "\x1b" not in str(info.value), str(info.value)
+
+
 # ---------------------------------------------------------------------------- Ctrl-C
 
 
@@ -113,22 +152,23 @@ def test_interrupt_message_names_the_checkpoint_and_the_command(tmp_path):
     assert "before any checkpoint" in str(interrupted(1, 0, tmp_path, resumable=True))
 
 
-def test_interrupted_exit_is_130_and_quiet_with_the_pipe_gone():
+@pytest.mark.parametrize("quiet", ["true", "false"])
+def test_interrupted_exit_is_130_and_quiet_with_the_pipe_gone(quiet, tmp_path):
     # `cmd | tee` and Ctrl-C: tee dies with the process group, so stdout and stderr point at a
-    # pipe nobody reads. The exit must still be 130, with no traceback or BrokenPipeError.
-    import subprocess
-    import sys
-
+    # pipe nobody reads (with run.quiet, the terminal copies of them that rlkd keeps do). The
+    # exit must still be 130, with no traceback or BrokenPipeError.
     code = ("import sys; from rlkd.config import Interrupted\n"
             "from rlkd import train\n"
             "def task(cfg, run_dir):\n"
-            "    import os; r, w = os.pipe(); os.close(r)\n"  # what a dead tee leaves behind
-            "    os.dup2(w, 1); os.dup2(w, 2)\n"
             "    raise Interrupted('interrupted in step 2; checkpoint-2 holds step 2')\n"
             "train.TASKS[train.Task.eval] = task\n"
-            "train.main(['recipe=eval_gsm8k', 'run.dir=' + sys.argv[1]])\n")
-    import tempfile
-    with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.run([sys.executable, "-c", code, d], capture_output=True, text=True, timeout=120)
+            "train.main(['recipe=eval_gsm8k', 'run.dir=' + sys.argv[1], 'run.quiet=' + sys.argv[2]])\n")
+    r, w = os.pipe()
+    os.close(r)  # what a dead tee leaves behind
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), quiet], stdout=w, stderr=w,
+                              timeout=120)
+    finally:
+        os.close(w)
     # A traceback would exit 1, and a failed flush of stdout at shutdown 120.
-    assert proc.returncode == 130, proc.stderr
+    assert proc.returncode == 130

@@ -249,3 +249,12 @@ def test_compute_rewards_rejects_bad_arguments():
         compute_rewards({}, {}, ["a"], on_error="ignore")
     with pytest.raises(ValueError, match=r"weights name rewards that are not in fns: \['typo'\]"):
         compute_rewards({"good": _constant(1.0)}, {"typo": 1.0}, ["a"])
+
+
+def test_a_truncated_completion_is_not_graded_by_its_last_number():
+    # Cut at the token cap, "... 3 + 15 = 18" stops mid-reasoning on the gold number by luck;
+    # an explicit answer line still counts, cut or not.
+    mid = "She has 16 - 3 - 4 = 9 eggs left, and 3 + 15 = 18"
+    line = "16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars.\n#### 18"
+    assert gsm8k_correct([mid, mid, line], answer=["18"] * 3, truncated=[False, True, True]) == [1.0, 0.0, 1.0]
+    assert gsm8k_correct([mid], answer=["18"]) == [1.0]  # no truncated column: graded as before

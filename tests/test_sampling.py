@@ -173,3 +173,20 @@ def test_held_out_slice_is_the_tail_and_never_trained_on():
 def test_bad_sampling_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         load_config("grpo_gsm8k", override.split())
+
+
+def test_rewards_see_each_completion_truncation_and_length():
+    seen = {}
+
+    def spy(completions, truncated, completion_tokens, **_):
+        seen.update(texts=list(completions), truncated=list(truncated), tokens=list(completion_tokens))
+        return [0.0] * len(completions)
+
+    cfg = load_config("grpo_gsm8k", [f"grpo.group_size={G}", "grpo.prompts_per_step=8", "data.instruction="])
+    gen = ScriptedSampler()
+    sample_step(cfg, PromptSampler(examples(30), seed=0), tiny_tokenizer(None), gen, {"spy": spy}, {"spy": 1.0},
+                SamplingSpec(n=G), 1)
+    # The scripted sampler gives "no idea" 10 tokens (cut at the cap) and the others 3.
+    assert 0 < sum(seen["truncated"]) < len(seen["texts"])
+    assert seen["truncated"] == [t == "no idea" for t in seen["texts"]]
+    assert seen["tokens"] == [10 if t == "no idea" else 3 for t in seen["texts"]]

@@ -4,7 +4,9 @@ and figures built from hand-made evaluation files."""
 import json
 import time
 
+import matplotlib.pyplot as plt
 import pytest
+from matplotlib.text import Text
 
 from rlkd import study_report as sr
 from rlkd.stats import mcnemar_exact, wilson_interval
@@ -166,3 +168,19 @@ def test_seed_summary(results):
     rows = {r["model"]: r for r in sr.seed_summary({0: loaded, 1: loaded[:2]})}
     assert rows["teacher"]["seeds"] == "2" and rows["teacher"]["sd"] == "0.0%"
     assert rows["cot_correct"]["per seed"] == "50.0%" and rows["cot_correct"]["sd"] == "n/a"
+
+
+def test_point_labels_never_overlap():
+    # Eight variants at one parameter count and accuracy, two more close by: every name is
+    # shown, and no two labels cover each other.
+    fig, ax = plt.subplots(figsize=(5, 4))
+    names = [f"variant_{i}" for i in range(10)]
+    points = [(134.5, 0.02)] * 8 + [(135.0, 0.021), (134.0, 0.019)]
+    ax.scatter(*zip(*points, strict=True))
+    notes = sr.place_labels(ax, points, names)
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(n, renderer) for n in notes]  # the texts, without leader lines
+    assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    shown = " ".join(n.get_text().replace("\n", " ") for n in notes)
+    assert all(name in shown for name in names)
+    plt.close(fig)

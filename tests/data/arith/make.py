@@ -28,7 +28,7 @@ def problem(rng: random.Random) -> dict:
 def main() -> None:
     rng = random.Random(0)
     here = Path(__file__).parent
-    for split, n in (("train", 400), ("test", 64)):
+    for split, n in (("train", 400), ("test", 200)):
         rows = [problem(rng) for _ in range(n)]
         (here / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
