@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: plots are written to PNG, never shown
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 from rlkd.compose import to_yaml  # noqa: E402
@@ -107,6 +108,7 @@ def plot_curves(metrics_path: Path, keys: list[str], out: Path, title: str) -> P
         ax.set_ylabel(key, fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

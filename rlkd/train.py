@@ -52,12 +52,16 @@ TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft, Tas
          Task.study: _study}
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], restore_output: bool = True) -> None:
+    """Run the task `argv` names. With run.quiet the library output goes to the run's log
+    until `main` returns (`restore_output`, for callers in-process) or until the process exits
+    (the CLI: what vLLM prints while shutting down stays in the log too)."""
     cfg, recipe = from_cli(argv, default_recipe=None)
     run_dir = make_run_dir(cfg, recipe)
     log = run_dir / "logs" / "run.log"
     out(f"rlkd: {cfg.task.value} run in {run_dir}" + (f" (library output: {log})" if cfg.run.quiet else ""))
     restore = capture(log) if cfg.run.quiet else None
+    kept = restore is not None and not restore_output
     try:
         TASKS[cfg.task](cfg, run_dir)
     except Interrupted as e:
@@ -65,22 +69,26 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:  # before a task's loop began: nothing trained, nothing to save
         exit_interrupted(f"rlkd: interrupted while starting; nothing was trained ({run_dir})")
     except (InputError, RunStopped) as e:
-        fail(f"rlkd: error: {e}")
+        fail(f"rlkd: error: {e}", kept)
     except Exception as e:
         if not cfg.run.quiet:
             raise
         traceback.print_exc()  # into the log, beside what the libraries printed before it
-        fail(f"rlkd: error: {one_line(e)} (traceback in {log})")
+        fail(f"rlkd: error: {one_line(e)} (traceback in {log})", kept)
     finally:
-        if restore:
+        if restore and restore_output:
             restore()
 
 
-def fail(message: str) -> None:
-    """Exit 1 with `message`: the interpreter prints it once `main`'s finally has given the
-    terminal back its fds; the log gets it now."""
+def fail(message: str, kept: bool) -> None:
+    """Exit 1 with `message` on the terminal. While the output stays captured (`kept`) the
+    interpreter would print a SystemExit's text into the log, so rlkd says it; otherwise the
+    interpreter prints it once `main`'s finally has given the terminal back its fds."""
+    if kept:
+        say(message)
+        raise SystemExit(1)
     if captured():
-        print(message, file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)  # the log's copy
     raise SystemExit(message)
 
 
@@ -96,4 +104,4 @@ def exit_interrupted(message: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], restore_output=False)
