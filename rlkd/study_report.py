@@ -376,8 +376,10 @@ def accuracy_figure(results: list[Result], out: Path, title: str) -> Path:
     y = range(len(results))
     ax.barh(y, acc, xerr=err, capsize=3, color="tab:blue", alpha=0.8)
     ax.set_yticks(list(y), [r.row.label for r in results], fontsize=8)
+    for i, r in enumerate(results):  # the number itself, where the eye would otherwise estimate it
+        ax.text(r.metrics["accuracy_ci_high"], i, f"  {r.metrics['accuracy']:.1%}", va="center", fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="GSM8K accuracy (95% CI)", xlim=(0, max(1e-3, *[r.metrics["accuracy_ci_high"] for r in results]) * 1.05),
+    ax.set(xlabel="GSM8K accuracy (95% CI)", xlim=(0, max(1e-3, *[r.metrics["accuracy_ci_high"] for r in results]) * 1.15),
            title=title)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
