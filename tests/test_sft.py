@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlkd.compose import load_config
 from rlkd.config import ConfigError
 from rlkd.learner import Learner, TrainBatch, collate, collate_packed
-from rlkd.losses import selective_log_softmax
+from rlkd.losses import selective_log_softmax, sft_loss
 from rlkd.sft import batches, read_dataset, sft_examples, tokenize
 from tests.conftest import GSM8K_DIR
 from tests.test_learner import tiny_model  # noqa: F401  (module fixture)
@@ -65,10 +65,20 @@ def test_packed_rows_score_exactly_like_separate_sequences(tiny_model):  # noqa:
         lp_pack = selective_log_softmax(model(input_ids=packed["input_ids_BL"], position_ids=packed["position_ids_BL"],
                                               use_cache=False).logits[:, :-1],
                                         packed["input_ids_BL"][:, 1:])
-    a = sorted(lp_pad[padded["mask_BT"].bool()].tolist())
-    b = sorted(lp_pack[packed["mask_BT"].bool()].tolist())
-    assert len(a) == len(b) == sum(len(c) for c in batch.completion_ids)
-    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+    # Pair every scored token with its sequence: a padded row is its sequence; in the packed
+    # rows each sequence is found where position_ids restart and its token ids follow (once).
+    seqs = [p + c for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True)]
+    a = {i: lp_pad[i][padded["mask_BT"][i].bool()].tolist() for i in range(len(seqs))}
+    rows, starts = packed["input_ids_BL"].tolist(), packed["position_ids_BL"] == 0
+    b = {}
+    for i, seq in enumerate(seqs):
+        (row, s0), = [(r, j) for r, ids in enumerate(rows) for j in range(len(ids) - len(seq) + 1)
+                      if starts[r, j] and ids[j:j + len(seq)] == seq]
+        span = slice(s0, s0 + len(seq) - 1)
+        b[i] = lp_pack[row, span][packed["mask_BT"][row, span].bool()].tolist()
+    for i, c in enumerate(batch.completion_ids):
+        assert len(a[i]) == len(b[i]) == len(c), i
+        torch.testing.assert_close(torch.tensor(a[i]), torch.tensor(b[i]), atol=1e-5, rtol=1e-5, msg=f"sequence {i}")
 
 
 def test_sft_step_is_prompt_masked_nll_and_packing_or_micro_batching_change_nothing(tiny_model):  # noqa: F811
@@ -94,17 +104,19 @@ def test_sft_step_is_prompt_masked_nll_and_packing_or_micro_batching_change_noth
             torch.testing.assert_close(params[name], p, atol=2e-6, rtol=1e-5, msg=f"{variant}: {name}")
 
 
-def test_prompt_tokens_contribute_nothing(tiny_model):  # noqa: F811
-    learner = _learner(tiny_model)
-    batch = _batch(3)
-    other = TrainBatch([p[:-1] + [63] for p in batch.prompt_ids], batch.completion_ids, batch.rollout_logprobs,
-                       batch.advantages)
-    # Changing a prompt token changes the context (so the loss), but the loss stays a mean over
-    # completion tokens only: the token count in the metrics proves the mask.
-    m = learner.sft_step(batch)
-    assert m["train/tokens"] == sum(len(c) for c in batch.completion_ids)
-    t = collate(other)
-    assert t["mask_BT"].sum() == m["train/tokens"]
+def test_prompt_targets_get_zero_gradient():
+    # Through collate's mask and sft_loss: d loss / d logprob is exactly 0 at every prompt
+    # target and padding position, and -1/N at each of the N completion targets.
+    batch = _batch()
+    t = collate(batch)
+    logprobs_BT = torch.randn(t["mask_BT"].shape, requires_grad=True)
+    loss, _ = sft_loss(logprobs_BT, t["mask_BT"])
+    loss.backward()
+    n = sum(len(c) for c in batch.completion_ids)
+    for i, (p, c) in enumerate(zip(batch.prompt_ids, batch.completion_ids, strict=True)):
+        expected = [0.0] * (len(p) - 1) + [-1.0 / n] * len(c)
+        expected += [0.0] * (logprobs_BT.shape[1] - len(expected))
+        torch.testing.assert_close(logprobs_BT.grad[i], torch.tensor(expected), atol=0, rtol=0, msg=f"row {i}")
 
 
 def test_sft_examples_targets_and_tokenize():
