@@ -4,8 +4,8 @@ A reward is a plain function `fn(completions: list[str], **columns) -> list[floa
 (TRL's convention). `columns` holds `prompts`, `answer` (the extracted gold answer),
 `question`, `truncated` (the completion was cut at rollout.max_new_tokens) and
 `completion_tokens` (its length in tokens); a reward takes what it needs and ignores the rest
-via `**_`. None means
-"not applicable": it counts as 0 in the weighted total and shows up as NaN in the raw scores.
+via `**_`. None means "not applicable": it counts as 0 in the weighted total and shows up as
+NaN in the raw scores.
 """
 
 import difflib

@@ -59,8 +59,9 @@ def extract_answer(completion: str, last_number: bool = True) -> str | None:
     Tried in order: the last `<answer>…</answer>` (then searched like a completion), the last
     `#### x`, the last `\\boxed{x}`, the last "answer is x" / "Answer: x", and finally (unless
     `last_number=False`, as for a completion cut at the token cap, whose last number is
-    mid-reasoning) the last number. Numbers come back normalised (`$1,234.` -> `1234`, `\\frac{1}{2}` -> `1/2`); a
-    non-numeric box or answer tag comes back as its text for math-verify to judge.
+    mid-reasoning) the last number. Numbers come back normalised (`$1,234.` -> `1234`,
+    `\\frac{1}{2}` -> `1/2`); a non-numeric box or answer tag comes back as its text for
+    math-verify to judge.
     """
     if not isinstance(completion, str):
         return None

@@ -12,6 +12,7 @@ import ast
 import difflib
 import inspect
 import re
+import sys
 from dataclasses import fields, is_dataclass
 from enum import Enum
 from pathlib import Path
@@ -23,18 +24,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rewards import REGISTRY as REWARDS
 from rewards import load_reward
-from rlkd import config as schema
 from rlkd.config import (
     RECIPES_DIR,
     Config,
     ConfigError,
-    DistillObjective,
     InputError,
     Overlong,
     PromptMode,
-    StudentInit,
     Task,
 )
+from rlkd.config_distill import DistillObjective, StudentInit
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -76,9 +75,9 @@ def help_text() -> str:
         if isinstance(value, Enum):
             value = value.value
         choices = ""
-        if isinstance(f.type, str) and isinstance(getattr(schema, f.type, None), type):
-            enum_cls = getattr(schema, f.type)
-            if issubclass(enum_cls, Enum):
+        # Annotations are strings (postponed evaluation): resolve them where the section lives.
+        enum_cls = getattr(sys.modules[cls.__module__], f.type, None) if isinstance(f.type, str) else None
+        if isinstance(enum_cls, type) and issubclass(enum_cls, Enum):
                 choices = " {" + "|".join(e.value for e in enum_cls) + "}"
         lines.append(f"  {key}={value!r}{choices}\n      {field_docs(cls).get(f.name, '')}")
     return "\n".join(lines)

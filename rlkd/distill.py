@@ -30,7 +30,8 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rewards import compute_rewards, load_reward
-from rlkd.config import Config, DistillObjective, StudentInit
+from rlkd.config import Config
+from rlkd.config_distill import DistillObjective, StudentInit
 from rlkd.console import close_quietly, out, say, terminal
 from rlkd.data import Example, PromptSampler, build_prompt, load_split
 from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
@@ -38,7 +39,6 @@ from rlkd.eval import score
 from rlkd.grpo import (
     free_port,
     init_ray,
-    repeat_each,
     reward_name,
     save_checkpoint,
     start_actors,
@@ -51,6 +51,7 @@ from rlkd.models import count_parameters, resolve_model
 from rlkd.prune import prune
 from rlkd.recovery import actor_died, interrupted, save_on_interrupt, shutdown
 from rlkd.rollout import SamplingSpec, generate_sharded
+from rlkd.sampling import repeat_each, reward_columns
 from rlkd.teacher import TeacherActor, shared_vocab_size
 from rlkd.tracking import Timer, Tracker, plot_curves
 
@@ -167,10 +168,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                 with timer("reward"):
                     rewards_N, per_fn, _ = compute_rewards(
                         reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
-                        prompts=repeat_each(prompts, g.group_size),
-                        answer=repeat_each([ex.answer for ex in examples], g.group_size),
-                        question=repeat_each([ex.question for ex in examples], g.group_size),
-                        truncated=gen.truncated, completion_tokens=[len(c) for c in gen.completion_ids])
+                        **reward_columns(examples, prompts, g.group_size, gen.truncated,
+                                         [len(c) for c in gen.completion_ids]))
                     if d.task_coef:
                         advantages = group_advantages(torch.tensor(rewards_N), g.group_size,
                                                       scale=g.adv_scale.value)[0].tolist()

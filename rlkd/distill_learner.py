@@ -15,7 +15,8 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkd.config import Config, DistillObjective, TeacherWeighting
+from rlkd.config import Config
+from rlkd.config_distill import DistillObjective, TeacherWeighting
 from rlkd.distill_losses import (
     forward_kl_loss,
     generalized_jsd_loss,

@@ -48,7 +48,7 @@ from rlkd.resume import (
     truncate_metrics,
 )
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded, nccl_world_size
-from rlkd.sampling import sample_step
+from rlkd.sampling import repeat_each, sample_step
 from rlkd.tracking import Timer, Tracker, plot_curves
 
 # Environment every actor (and the vLLM processes it spawns) starts with.
@@ -156,11 +156,6 @@ def stop_actors(actors: Actors) -> None:
         actors.placement.remove()
 
 
-def repeat_each(items: list, n: int) -> list:
-    """[a, b] -> [a, a, b, b] for n=2: per-prompt values laid out per completion."""
-    return [x for x in items for _ in range(n)]
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -227,9 +222,9 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
         """Greedy accuracy on the eval set; its predictions go to eval/step-N/ for eval.compare."""
         preds, m = guard("eval", partial(score, partial(generate_sharded, actors.rollouts), tokenizer,
                                          eval_set, cfg.data, eval_spec))
-        out = run_dir / "eval" / f"step-{step}"
-        out.mkdir(parents=True, exist_ok=True)
-        write_results(out, f"step {step}", preds, m)
+        eval_dir = run_dir / "eval" / f"step-{step}"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        write_results(eval_dir, f"step {step}", preds, m)
         return {f"eval/{k}": v for k, v in m.items()}
 
     def checkpoint() -> None:

@@ -14,6 +14,7 @@ from rewards import compute_rewards, load_reward
 from rlkd.config import Config, InputError
 from rlkd.data import Example, build_prompt, load_split, split_held_out
 from rlkd.models import resolve_model
+from rlkd.sampling import reward_columns
 
 
 @dataclass
@@ -93,9 +94,6 @@ def check_rewards(reward_fns: dict[str, Callable], reward_weights: dict[str, flo
     completions = [c for _ in rows for c in PLACEHOLDER_COMPLETIONS]
     k = len(PLACEHOLDER_COMPLETIONS)
     prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in rows]
+    lengths = [len(tokenizer(c, add_special_tokens=False).input_ids) for c in completions]
     compute_rewards(reward_fns, reward_weights, completions, on_error="raise",
-                    prompts=[p for p in prompts for _ in range(k)],
-                    answer=[ex.answer for ex in rows for _ in range(k)],
-                    question=[ex.question for ex in rows for _ in range(k)],
-                    truncated=[False] * len(completions),
-                    completion_tokens=[len(tokenizer(c, add_special_tokens=False).input_ids) for c in completions])
+                    **reward_columns(rows, prompts, k, [False] * len(completions), lengths))

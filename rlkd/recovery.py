@@ -96,7 +96,6 @@ class RolloutGuard:
                         f"({one_line(e)}): {one_line(restart_error)}"
                     ) from restart_error
 
-
     def _all_healthy(self) -> bool:
         try:
             ray.get([a.check_engine.remote() for a in self.rollouts], timeout=HEALTH_TIMEOUT_S)

@@ -38,8 +38,17 @@ class Rollouts:
     metrics: dict[str, float] = field(default_factory=dict)  # reward/*, sampling/*, completion/*
 
 
-def _repeat(items: list, n: int) -> list:
+def repeat_each(items: list, n: int) -> list:
+    """[a, b] -> [a, a, b, b] for n=2: per-prompt values laid out per completion."""
     return [x for x in items for _ in range(n)]
+
+
+def reward_columns(examples: list[Example], prompts: list[str], n: int, truncated: list[bool],
+                   completion_tokens: list[int]) -> dict[str, list]:
+    """The columns every reward receives, for `n` completions per example laid out prompt-major."""
+    return {"prompts": repeat_each(prompts, n), "answer": repeat_each([ex.answer for ex in examples], n),
+            "question": repeat_each([ex.question for ex in examples], n), "truncated": truncated,
+            "completion_tokens": completion_tokens}
 
 
 def score(cfg: Config, reward_fns: dict[str, Callable], reward_weights: dict[str, float],
@@ -49,9 +58,7 @@ def score(cfg: Config, reward_fns: dict[str, Callable], reward_weights: dict[str
     G = cfg.grpo.group_size
     rewards_N, per_fn, errors = compute_rewards(
         reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
-        prompts=_repeat(prompts, G), answer=_repeat([ex.answer for ex in examples], G),
-        question=_repeat([ex.question for ex in examples], G), truncated=gen.truncated,
-        completion_tokens=[len(c) for c in gen.completion_ids])
+        **reward_columns(examples, prompts, G, gen.truncated, [len(c) for c in gen.completion_ids]))
     g, lengths = cfg.grpo, torch.tensor([len(c) for c in gen.completion_ids])
     penalty_N, over = overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
     if g.overlong == Overlong.penalty:

@@ -36,8 +36,9 @@ from datetime import datetime
 from pathlib import Path
 
 from rlkd.compose import changes, hydra_value, load_config
-from rlkd.config import Config, ConfigError, RunStopped, StudyConfig, StudyScale
-from rlkd.config import StudyVariant as V
+from rlkd.config import Config, ConfigError, RunStopped
+from rlkd.config_distill import StudyConfig, StudyScale
+from rlkd.config_distill import StudyVariant as V
 from rlkd.console import out, say
 from rlkd.hardware import rollout_dtype
 from rlkd.study_report import Row, write_report

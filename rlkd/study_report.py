@@ -391,6 +391,7 @@ def accuracy_figure(results: list[Result], out: Path, title: str) -> Path:
 def efficiency_figure(results: list[Result], out: Path, title: str) -> Path:
     """Accuracy against parameters and against latency per sample, each point labelled."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = []
     for ax, key, xlabel in ((axes[0], "parameters", "parameters (M)"),
                             (axes[1], "latency_per_sample_s", "latency per sample (s, batched)")):
         points = [(r.metrics[key] / (1e6 if key == "parameters" else 1), r.metrics["accuracy"]) for r in results]
@@ -399,10 +400,10 @@ def efficiency_figure(results: list[Result], out: Path, title: str) -> Path:
         ax.set(xlabel=xlabel, ylabel="accuracy")
         ax.grid(alpha=0.3)
         ax.margins(x=0.25, y=0.15)  # room for the labels beside the outermost points
+        panels.append((ax, points))
     fig.suptitle(title)
-    fig.tight_layout()
-    for ax, key in zip(axes, ("parameters", "latency_per_sample_s"), strict=True):
-        points = [(r.metrics[key] / (1e6 if key == "parameters" else 1), r.metrics["accuracy"]) for r in results]
+    fig.tight_layout()  # labels are placed in the final layout's screen coordinates
+    for ax, points in panels:
         place_labels(ax, points, [r.row.key for r in results])
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -8,8 +8,8 @@ import textwrap
 import pytest
 from conftest import REPO_ROOT
 
-from rlkd.grpo import repeat_each
 from rlkd.rollout import Generation, shard
+from rlkd.sampling import repeat_each
 
 
 @pytest.mark.parametrize("n, k", [(0, 1), (1, 3), (5, 2), (7, 3), (16, 4)])

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from rlkd.compose import changes, hydra_value, load_config, parse_argv
-from rlkd.config import ConfigError, RunStopped, StudyScale
-from rlkd.config import StudyVariant as V
+from rlkd.config import ConfigError, RunStopped
+from rlkd.config_distill import StudyScale
+from rlkd.config_distill import StudyVariant as V
 from rlkd.filters import apply_filters, report_markdown
 from rlkd.stats import wilson_interval
 from rlkd.study import (
