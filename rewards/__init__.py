@@ -17,6 +17,7 @@ import numbers
 from collections.abc import Callable
 from pathlib import Path
 
+from rewards.arithmetic import arithmetic_steps
 from rewards.format import (
     format_answer_line,
     format_answer_line_partial,
@@ -30,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 REGISTRY: dict[str, Callable] = {
     "gsm8k_correct": gsm8k_correct,
+    "arithmetic_steps": arithmetic_steps,
     "format_answer_line": format_answer_line,
     "format_answer_line_partial": format_answer_line_partial,
     "format_think": format_think,

@@ -248,6 +248,9 @@ def validate(cfg: Config) -> None:
     validate_resources(cfg)
     if g.beta < 0 or g.clip_low < 0 or g.clip_high < 0 or g.tis_cap < 0:
         raise ConfigError("grpo.beta, grpo.clip_low, grpo.clip_high and grpo.tis_cap must be >= 0")
+    if g.adv_estimator.value == "rloo" and g.group_size < 2:
+        raise ConfigError(f"grpo.adv_estimator=rloo needs grpo.group_size >= 2 (got {g.group_size}): "
+                          "the leave-one-out baseline is the mean of the other completions")
     for key, value in {"cot.samples_per_temperature": cfg.cot.samples_per_temperature,
                        "cot.max_new_tokens": cfg.cot.max_new_tokens,
                        "cot.batch_questions": cfg.cot.batch_questions,
@@ -307,7 +310,7 @@ def check_ranges(cfg: Config) -> None:
         "rollout.max_restarts": ro.max_restarts, "trainer.max_bad_steps": t.max_bad_steps,
         "trainer.max_zero_signal_steps": t.max_zero_signal_steps, "trainer.max_logp_mismatch": t.max_logp_mismatch,
         "grpo.overlong_buffer": cfg.grpo.overlong_buffer, "grpo.overlong_penalty": cfg.grpo.overlong_penalty,
-        "data.held_out": cfg.data.held_out}.items()]
+        "data.held_out": cfg.data.held_out, "data.max_solution_steps": cfg.data.max_solution_steps}.items()]
     for key, value, ok, allowed in ranges:
         if not ok:
             raise ConfigError(f"{key}={value} must be {allowed}")

@@ -52,6 +52,17 @@ class AdvScale(str, Enum):
     none = "none"
 
 
+class PolicyLoss(str, Enum):
+    grpo = "grpo"
+    gspo = "gspo"
+    cispo = "cispo"
+
+
+class AdvEstimator(str, Enum):
+    grpo = "grpo"
+    rloo = "rloo"
+
+
 class LearnerDtype(str, Enum):
     auto = "auto"
     float32 = "float32"
@@ -153,6 +164,11 @@ class DataConfig:
         "End your answer with a final line of the form '#### <number>'."
     )
     """Text placed before each question in the user message."""
+    max_solution_steps: int = 0
+    """Train only on questions whose gold solution (the rationale before '####') has at most N
+    lines, one per step; 0 keeps all. A curriculum for small models: GSM8K questions of 2-3
+    steps are the ones a 135M model sometimes solves, so their groups carry reward variance.
+    Held-out and evaluation questions are never filtered."""
     skip_bad_rows: bool = False
     """Skip malformed rows (and report the count) instead of stopping at the first one."""
 
@@ -252,6 +268,16 @@ class GRPOConfig:
     """k3 KL coefficient to the frozen reference; 0 loads no reference model. As in GRPO's
     paper (and TRL, verl), the k3 term's logged value estimates KL(pi || ref) while its
     gradient is that of KL(ref || pi) (the two agree to second order near ref)."""
+    loss: PolicyLoss = PolicyLoss.grpo
+    """Policy objective (rlkd/losses.py): `grpo`, the PPO-clipped token ratio; `gspo`, the clip
+    on the sequence's geometric-mean ratio (Zheng et al. 2025: set clip_low=3e-4 clip_high=4e-4
+    and loss_agg=seq_mean_token_mean as in the paper); `cispo`, the clipped, stop-gradient ratio
+    weighting log p (MiniMax-M1 2025: clip_low=1 for no lower bound, tune clip_high). The
+    truncated importance weight (tis_cap) and the KL term (beta) apply to each."""
+    adv_estimator: AdvEstimator = AdvEstimator.grpo
+    """Baseline of the advantages: `grpo`, the group mean; `rloo`, the mean of the group's other
+    completions (Ahmadian et al. 2024), G/(G-1) times the mean-centred reward. adv_scale then
+    applies (RLOO's own form is adv_scale=none)."""
     loss_agg: LossAgg = LossAgg.token_mean
     """How per-token losses are averaged."""
     tis_cap: float = 2.0

@@ -3,7 +3,8 @@
 `load_split` reads a split from a local jsonl/parquet file (or directory of them), from the hub
 (`data.hub_id`), or by default from the GSM8K copy shipped in rlkd/datasets/gsm8k, validating
 every row into an `Example`; a bad row is a one-line `DataError` naming its file and line.
-`build_prompt` renders a question with the model's chat template, and `PromptSampler` hands out
+`build_prompt` renders a question with the model's chat template, `encode_prompt` turns it into
+the token ids every path uses, and `PromptSampler` hands out
 shuffled examples epoch after epoch, resumable from a checkpoint.
 """
 
@@ -62,6 +63,24 @@ def split_held_out(cfg: DataConfig, examples: list[Example]) -> tuple[list[Examp
     if n and n >= len(examples):
         raise DataError(f"data.held_out={n} leaves nothing to train on: the split has {len(examples)} examples")
     return (examples[:-n], examples[-n:]) if n else (examples, [])
+
+
+def solution_steps(example: Example) -> int:
+    """Lines of the gold rationale: GSM8K writes one calculation step per line."""
+    return sum(1 for line in example.rationale.splitlines() if line.strip())
+
+
+def training_pool(cfg: DataConfig, examples: list[Example]) -> list[Example]:
+    """The examples training draws from: all of them, or those of at most data.max_solution_steps."""
+    if cfg.max_solution_steps <= 0:
+        return examples
+    kept = [ex for ex in examples if solution_steps(ex) <= cfg.max_solution_steps]
+    if not kept:
+        raise DataError(f"data.max_solution_steps={cfg.max_solution_steps} keeps none of the "
+                        f"{len(examples)} training questions")
+    logger.info("data.max_solution_steps=%d: training on %d of %d questions",
+                cfg.max_solution_steps, len(kept), len(examples))
+    return kept
 
 
 def _resolve_local(path: Path, split: str) -> Path:
@@ -175,6 +194,21 @@ def build_prompt(tokenizer, question: str, cfg: DataConfig) -> str:
     user = f"{cfg.instruction}\n\n{question}" if cfg.instruction else question
     messages.append({"role": "user", "content": user})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The token ids of a `build_prompt` prompt: the one tokenization of every path (rollout,
+    eval, SFT, CoT, distillation, teacher scoring); vLLM receives these ids, never the text.
+
+    The text's own special tokens are kept as written (a chat template writes its own: Llama 3's
+    begins with <|begin_of_text|>), and the tokenizer's BOS is put in front only when it adds one
+    and the text does not already start with it. vLLM's text path would add a second BOS to a
+    templated prompt; `add_special_tokens=False` would drop the BOS a base model was trained with.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]
+    return [bos, *ids] if adds_bos and ids[:1] != [bos] else ids
 
 
 class PromptSampler:

@@ -33,7 +33,7 @@ from rewards import compute_rewards, load_reward
 from rlkd.config import Config
 from rlkd.config_distill import DistillObjective, StudentInit
 from rlkd.console import close_quietly, out, say, terminal
-from rlkd.data import Example, PromptSampler, build_prompt, load_split
+from rlkd.data import Example, PromptSampler, build_prompt, encode_prompt, load_split
 from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
 from rlkd.eval import score
 from rlkd.grpo import (
@@ -46,7 +46,7 @@ from rlkd.grpo import (
     sync_weights,
 )
 from rlkd.hardware import rollout_dtype
-from rlkd.losses import group_advantages
+from rlkd.losses import BASELINES, group_advantages
 from rlkd.models import count_parameters, resolve_model
 from rlkd.prune import prune
 from rlkd.recovery import actor_died, interrupted, save_on_interrupt, shutdown
@@ -155,10 +155,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             advantages = [0.0] * N
             with timer("generate"):
                 if not on_policy:
-                    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+                    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
                     completion_ids = [reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in examples]
                 elif d.mix_alpha > 0:
-                    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+                    ids = [encode_prompt(tokenizer, p) for p in prompts]
                     gen = ray.get(learner.sample_mixed.remote(ids, g.group_size, spec.max_tokens, spec.seed))
                 else:
                     gen = generate_sharded(actors.rollouts, prompts, spec)
@@ -171,8 +171,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                         **reward_columns(examples, prompts, g.group_size, gen.truncated,
                                          [len(c) for c in gen.completion_ids]))
                     if d.task_coef:
-                        advantages = group_advantages(torch.tensor(rewards_N), g.group_size,
-                                                      scale=g.adv_scale.value)[0].tolist()
+                        advantages = group_advantages(torch.tensor(rewards_N), g.group_size, scale=g.adv_scale.value,
+                                                      baseline=BASELINES[g.adv_estimator.value])[0].tolist()
                 metrics_extra = {"reward/total_mean": sum(rewards_N) / len(rewards_N)}
                 for name, values in per_fn.items():
                     finite = [v for v in values if v == v]
@@ -185,8 +185,8 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             sft = sft_sampler.next(N) if d.lm_coef else []
             batch = DistillBatch(
                 prompt_ids, completion_ids, scores, advantages,
-                sft_prompt_ids=[tokenizer(build_prompt(tokenizer, ex.question, cfg.data),
-                                          add_special_tokens=False).input_ids for ex in sft],
+                sft_prompt_ids=[encode_prompt(tokenizer, build_prompt(tokenizer, ex.question, cfg.data))
+                                for ex in sft],
                 sft_completion_ids=[reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in sft],
                 student_logprobs=gen.logprobs if on_policy else [])
             with timer("train"):

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -43,7 +44,7 @@ def score(generate: Generate, tokenizer, examples: list[Example], data: DataConf
     # Chunks only drive the progress bar: 64 concurrent sequences already saturate a CPU engine.
     with tqdm(total=len(prompts), desc="eval", unit="q", dynamic_ncols=True, file=terminal(), disable=len(prompts) <= chunk) as bar:
         for start in range(0, len(prompts), chunk):
-            parts.append(generate(prompts[start:start + chunk], spec))
+            parts.append(generate(prompts[start:start + chunk], replace(spec, first_prompt=start)))
             bar.update(len(parts[-1].prompt_ids))
             done = sum(g.num_tokens for g in parts) / max(sum(g.seconds for g in parts), 1e-9)
             bar.set_postfix(tok_s=f"{done:.0f}")

@@ -27,7 +27,7 @@ from rlkd.data import PromptSampler
 from rlkd.eval import score, write_results
 from rlkd.hardware import resolve_rollout_dtype
 from rlkd.learner import LearnerActor, TrainBatch
-from rlkd.losses import group_advantages
+from rlkd.losses import BASELINES, group_advantages
 from rlkd.placement import Placement, local_num_cpus, plan, reserve
 from rlkd.preflight import load_inputs, reward_name
 from rlkd.recovery import (
@@ -135,7 +135,7 @@ def start_actors(cfg: Config, model_path: str, learner: ray.actor.ActorHandle | 
         transport = "nccl"
         world = nccl_world_size(cfg.rollout.num_actors, cfg.rollout.tensor_parallel_size)
         _, port = placement.address(placement.plan.learners[0])  # free on the sender's node
-        ray.get(learner.init_nccl_sync.remote(rollouts, port, world))
+        ray.get([rank.init_nccl_sync.remote(rollouts, port, world) for rank in learners])
     else:
         nodes = set(ray.get([r.node_id.remote() for r in rollouts]))
         same_node = nodes == {ray.get(learner.node_id.remote())}
@@ -164,8 +164,8 @@ def free_port() -> int:
 
 def sync_weights(actors: Actors) -> None:
     """Push the learner's weights to every rollout actor: one export, read by all."""
-    if actors.transport == "nccl":
-        ray.get(actors.learner.send_weights_nccl.remote())
+    if actors.transport == "nccl":  # every rank: ZeRO-3 gathers each layer collectively
+        ray.get([learner.send_weights_nccl.remote() for learner in actors.learners])
         return
     # Every rank exports (ZeRO-3 gathers collectively); rank 0's update goes to every actor.
     updates = [learner.export_weights.remote(actors.transport) for learner in actors.learners]
@@ -248,7 +248,8 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                 ro = sample_step(cfg, sampler, tokenizer, generate, reward_fns, reward_weights, spec, step)
             with timer("reward"):
                 advantages_N, adv_metrics = group_advantages(
-                    torch.tensor(ro.rewards_N), g.group_size, scale=g.adv_scale.value)
+                    torch.tensor(ro.rewards_N), g.group_size, scale=g.adv_scale.value,
+                    baseline=BASELINES[g.adv_estimator.value])
             gen = ro.gen
             # Overlong filtering: a cut-off completion keeps its place (ranks shard by position)
             # but no tokens, so no loss term and no share of any denominator.

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.config import REPO_ROOT, Config
 from rlkd.hardware import resolve_learner_dtype, rollout_dtype
-from rlkd.losses import grpo_loss, selective_log_softmax, sft_loss
+from rlkd.losses import POLICY_LOSSES, selective_log_softmax, sft_loss
 from rlkd.packing import (
     MicroBatch,
     build_micro_batch,
@@ -31,6 +31,7 @@ from rlkd.packing import (
     score_micro_batch,
 )
 from rlkd.rollout import WeightUpdate
+from rlkd.weight_source import weight_source
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint: optimizer and scheduler state
 TRAINER_STATE = "trainer_state.pt"  # present only in checkpoints that can be resumed
@@ -316,7 +317,7 @@ class Learner:
         mb = build_micro_batch(batch.prompt_ids, batch.completion_ids, units)
         logprobs_BT = mb.to_BT(self._score(self.engine.module, mb))
         mask_BT = mb.mask_BT().to(logprobs_BT.device)
-        loss, metrics = grpo_loss(
+        loss, metrics = POLICY_LOSSES[g.loss.value](
             logprobs_BT,
             logprobs_BT.detach() if old is None else self._row_tensor([old[r] for r in mb.rows], logprobs_BT),
             torch.tensor([batch.advantages[r] for r in mb.rows], dtype=torch.float32, device=logprobs_BT.device),
@@ -436,8 +437,8 @@ class Learner:
         return WeightUpdate(version=self.version, path=str(final))
 
     def init_nccl_sync(self, rollout_actors: list, master_port: int, world_size: int) -> None:
-        """GPU transport: join vLLM's NCCL weight-transfer group as rank 0 (the sender)."""
-        from vllm.distributed.weight_transfer.base import ModuleSource
+        """GPU transport: rank 0 joins vLLM's NCCL weight-transfer group as the sender; the other
+        data-parallel ranks only take part in the ZeRO-3 gathers of each send."""
         from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
         from vllm.distributed.weight_transfer.nccl_engine import (
             NCCLTrainerInitInfo,
@@ -445,12 +446,13 @@ class Learner:
         )
 
         info = NCCLTrainerInitInfo(master_address=ray.util.get_node_ip_address(),
-                                   master_port=master_port, world_size=world_size, rank=0)
+                                   master_port=master_port, world_size=world_size, rank=self.rank)
         self.nccl = NCCLTrainerWeightTransferEngine.trainer_init(
             info, client=RayVLLMWeightSyncClient(rollout_actors),
-            source=ModuleSource(self.engine.module))
+            source=weight_source(self.engine.module, self.zero3))
 
     def send_weights_nccl(self) -> float:
+        """Every rank calls this together: rank 0 broadcasts, the others join its gathers."""
         start = time.perf_counter()
         self.nccl.send_weights()
         return time.perf_counter() - start

@@ -78,23 +78,34 @@ def selective_log_softmax(
 
 
 def group_advantages(
-    rewards_B: torch.Tensor, group_size: int, *, scale: str = "group", eps: float = 1e-6
+    rewards_B: torch.Tensor, group_size: int, *, scale: str = "group", baseline: str = "mean",
+    eps: float = 1e-6,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Group-relative advantages for ``B/group_size`` prompts with ``group_size`` completions each.
 
-    Rewards are laid out as consecutive groups. With mu_g the mean of the group of completion i:
-      scale="group": A_i = (r_i - mu_g) / (std_g + eps)      GRPO (Shao et al. 2024, DeepSeekMath)
-      scale="none":  A_i =  r_i - mu_g                        Dr.GRPO (Liu et al. 2025)
-      scale="batch": A_i = (r_i - mu_g) / (std_B(r - mu) + eps)   REINFORCE++-baseline (Hu 2025)
+    Rewards are laid out as consecutive groups. With b_i the baseline of completion i,
+      baseline="mean":           b_i = mu_g, the mean of its group (GRPO)
+      baseline="leave_one_out":  b_i = mean of the other G - 1 rewards of its group (RLOO,
+                                 Ahmadian et al. 2024), so r_i - b_i = G / (G - 1) (r_i - mu_g)
+    the centred reward c_i = r_i - b_i is scaled by
+      scale="group": A_i = c_i / (std_g + eps)      GRPO (Shao et al. 2024, DeepSeekMath)
+      scale="none":  A_i = c_i                      Dr.GRPO (Liu et al. 2025); RLOO's own form
+      scale="batch": A_i = c_i / (std_B(c) + eps)   REINFORCE++-baseline (Hu 2025)
     All stds are population stds (unbiased=False): defined for group_size=1 and they make the
-    "group" advantages of a non-degenerate group have exactly unit variance. "batch" divides by
-    the std of the group-centred rewards, i.e. the quantity being scaled.
+    "group" advantages of a non-degenerate group have exactly unit variance (with the mean
+    baseline). "batch" divides by the std of the centred rewards, the quantity being scaled.
     """
     B = rewards_B.shape[0]
     if group_size < 1 or B % group_size:
         raise ValueError(f"batch size {B} is not divisible by group_size {group_size}")
+    if baseline not in ("mean", "leave_one_out"):
+        raise ValueError(f"unknown baseline {baseline!r}; use 'mean' or 'leave_one_out'")
+    if baseline == "leave_one_out" and group_size < 2:
+        raise ValueError("a leave-one-out baseline needs group_size >= 2")
     rewards_GK = _acc(rewards_B).view(-1, group_size)
     centred_GK = rewards_GK - rewards_GK.mean(dim=1, keepdim=True)
+    if baseline == "leave_one_out":
+        centred_GK = centred_GK * (group_size / (group_size - 1))
     if scale == "group":
         adv_GK = centred_GK / (rewards_GK.std(dim=1, unbiased=False, keepdim=True) + eps)
     elif scale == "none":
@@ -183,26 +194,131 @@ def grpo_loss(
         "ratio_mean": _masked_mean(ratio_BT, mask),
         "entropy_proxy": _masked_mean(-logprobs_BT, mask),
     }
+    w_BT = _tis_weights(old_logprobs_BT, rollout_logprobs_BT, mask, tis_cap, metrics)
+    per_token_BT = _with_kl(per_token_BT * w_BT, logprobs_BT, ref_logprobs_BT, mask, beta, metrics)
+    return aggregate(per_token_BT, mask, loss_agg, max_len), metrics
+
+
+def _tis_weights(old_BT, rollout_BT, mask, tis_cap, metrics: dict) -> torch.Tensor:
+    """min(exp(old - rollout), tis_cap) per token, detached (1 without rollout logprobs or cap);
+    reports the mismatch either way."""
+    if rollout_BT is None:
+        return torch.ones((), dtype=torch.promote_types(old_BT.dtype, torch.float32), device=old_BT.device)
+    with torch.no_grad():
+        log_w_BT = torch.where(mask, old_BT - rollout_BT, 0.0)
+        metrics["logp_mismatch"] = _masked_mean(log_w_BT.abs(), mask)
+        if not tis_cap:
+            return torch.ones_like(log_w_BT)
+        w_BT = log_w_BT.exp()
+        metrics["tis_clip_frac"] = _masked_mean((w_BT > tis_cap).float(), mask)
+        w_BT = w_BT.clamp(max=tis_cap)
+        metrics["tis_weight_mean"] = _masked_mean(w_BT, mask)
+    return w_BT
+
+
+def _with_kl(per_token_BT, logprobs_BT, ref_BT, mask, beta, metrics: dict) -> torch.Tensor:
+    """per_token + beta * k3 (Schulman 2020); k3 reported whenever reference logprobs are given."""
+    if ref_BT is None:
+        return per_token_BT
+    log_r_BT = torch.where(mask, ref_BT - logprobs_BT, 0.0)
+    k3_BT = torch.exp(log_r_BT) - log_r_BT - 1
+    metrics["kl"] = _masked_mean(k3_BT, mask)
+    return per_token_BT + beta * k3_BT if beta > 0 else per_token_BT
+
+
+def gspo_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    clip_low: float = 3e-4,
+    clip_high: float = 4e-4,
+    beta: float = 0.0,
+    ref_logprobs_BT: torch.Tensor | None = None,
+    rollout_logprobs_BT: torch.Tensor | None = None,
+    tis_cap: float | None = 2.0,
+    loss_agg: str = "seq_mean_token_mean",
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GSPO: the PPO clip on a sequence-level ratio (Zheng et al. 2025, "Group Sequence Policy
+    Optimization"). With s_b = exp(mean_t (logp_bt - old_bt)), the geometric mean of the token
+    ratios of sequence b, every token of b carries
+      l_bt = -w_b * min(s_b A_b, clip(s_b, 1 - clip_low, 1 + clip_high) A_b) + beta * k3_bt
+    aggregated with ``aggregate(l, mask, loss_agg)``; the paper's objective is the mean over
+    sequences (loss_agg="seq_mean_token_mean"), and its clip range is ~1e-4, not PPO's 0.2,
+    because s_b averages away the token noise. w_b = min(exp(mean_t (old_bt - rollout_bt)),
+    tis_cap), detached: the truncated importance weight for the sampler mismatch at the same
+    (sequence, length-normalised) level as the ratio it corrects.
+    """
+    if beta > 0 and ref_logprobs_BT is None:
+        raise ValueError("beta > 0 needs ref_logprobs_BT")
+    mask = mask_BT.bool()
+    tokens_B1 = mask.sum(-1, keepdim=True).clamp(min=1)
+    log_s_B1 = torch.where(mask, logprobs_BT - old_logprobs_BT, 0.0).sum(-1, keepdim=True) / tokens_B1
+    s_B1 = torch.exp(log_s_B1)
+    adv_B1 = advantages_B.to(s_B1.dtype)[:, None]
+    surr_B1, clipped_B1 = s_B1 * adv_B1, s_B1.clamp(1 - clip_low, 1 + clip_high) * adv_B1
+    per_seq_B1 = -torch.minimum(surr_B1, clipped_B1)
+    has_B = mask.any(-1)
+    metrics = {
+        "clip_frac": (clipped_B1 < surr_B1)[has_B].double().mean().item() if has_B.any() else 0.0,
+        "ratio_mean": s_B1[has_B].double().mean().item() if has_B.any() else 0.0,
+        "entropy_proxy": _masked_mean(-logprobs_BT, mask),
+    }
     if rollout_logprobs_BT is not None:
         with torch.no_grad():
             log_w_BT = torch.where(mask, old_logprobs_BT - rollout_logprobs_BT, 0.0)
             metrics["logp_mismatch"] = _masked_mean(log_w_BT.abs(), mask)
-            if tis_cap:
-                w_BT = log_w_BT.exp()
-                metrics["tis_clip_frac"] = _masked_mean((w_BT > tis_cap).float(), mask)
-                w_BT = w_BT.clamp(max=tis_cap)
-                metrics["tis_weight_mean"] = _masked_mean(w_BT, mask)
+            w_B1 = (log_w_BT.sum(-1, keepdim=True) / tokens_B1).exp()
+            metrics["tis_clip_frac"] = (w_B1 > tis_cap)[has_B].double().mean().item() if tis_cap and has_B.any() else 0.0
         if tis_cap:
-            per_token_BT = per_token_BT * w_BT
-    if ref_logprobs_BT is not None:
-        log_r_BT = torch.where(mask, ref_logprobs_BT - logprobs_BT, 0.0)
-        k3_BT = torch.exp(log_r_BT) - log_r_BT - 1
-        metrics["kl"] = _masked_mean(k3_BT, mask)
-        if beta > 0:
-            per_token_BT = per_token_BT + beta * k3_BT
+            per_seq_B1 = per_seq_B1 * w_B1.clamp(max=tis_cap)
+    per_token_BT = _with_kl(per_seq_B1.expand_as(logprobs_BT), logprobs_BT, ref_logprobs_BT, mask, beta, metrics)
+    return aggregate(per_token_BT, mask, loss_agg, max_len), metrics
 
-    loss = aggregate(per_token_BT, mask, loss_agg, max_len)
-    return loss, metrics
+
+def cispo_loss(
+    logprobs_BT: torch.Tensor,
+    old_logprobs_BT: torch.Tensor,
+    advantages_B: torch.Tensor,
+    mask_BT: torch.Tensor,
+    *,
+    clip_low: float = 1.0,
+    clip_high: float = 0.28,
+    beta: float = 0.0,
+    ref_logprobs_BT: torch.Tensor | None = None,
+    rollout_logprobs_BT: torch.Tensor | None = None,
+    tis_cap: float | None = 2.0,
+    loss_agg: str = "token_mean",
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """CISPO: clip the importance weight, not the update (MiniMax-M1, 2025, Sec. 3.1). Per token
+      l_t = -w_t * sg[clip(rho_t, 1 - clip_low, 1 + clip_high)] * A * logp_t + beta * k3_t
+    aggregated with ``aggregate(l, mask, loss_agg)`` (token_mean in the paper). Every token keeps
+    a gradient, A * clipped weight * grad logp, where PPO's min would zero the gradient of a token
+    whose ratio left the clip range; the paper sets no lower bound (clip_low = 1) and tunes only
+    clip_high. w_t is GRPO's truncated importance weight for the sampler mismatch.
+    """
+    if beta > 0 and ref_logprobs_BT is None:
+        raise ValueError("beta > 0 needs ref_logprobs_BT")
+    mask = mask_BT.bool()
+    ratio_BT = torch.exp(torch.where(mask, logprobs_BT - old_logprobs_BT, 0.0)).detach()
+    weight_BT = ratio_BT.clamp(1 - clip_low, 1 + clip_high)
+    adv_B1 = advantages_B.to(ratio_BT.dtype)[:, None]
+    per_token_BT = -weight_BT * adv_B1 * torch.where(mask, logprobs_BT, 0.0)
+    metrics = {
+        "clip_frac": _masked_mean((weight_BT != ratio_BT).float(), mask),
+        "ratio_mean": _masked_mean(ratio_BT, mask),
+        "entropy_proxy": _masked_mean(-logprobs_BT, mask),
+    }
+    w_BT = _tis_weights(old_logprobs_BT, rollout_logprobs_BT, mask, tis_cap, metrics)
+    per_token_BT = _with_kl(per_token_BT * w_BT, logprobs_BT, ref_logprobs_BT, mask, beta, metrics)
+    return aggregate(per_token_BT, mask, loss_agg, max_len), metrics
+
+
+POLICY_LOSSES = {"grpo": grpo_loss, "gspo": gspo_loss, "cispo": cispo_loss}  # grpo.loss
+BASELINES = {"grpo": "mean", "rloo": "leave_one_out"}  # grpo.adv_estimator -> group_advantages
 
 
 def sft_loss(

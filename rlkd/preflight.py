@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from rewards import compute_rewards, load_reward
 from rlkd.config import Config, InputError
-from rlkd.data import Example, build_prompt, load_split, split_held_out
+from rlkd.data import Example, build_prompt, encode_prompt, load_split, split_held_out, training_pool
 from rlkd.models import resolve_model
 from rlkd.sampling import reward_columns
 
@@ -38,6 +38,7 @@ def load_inputs(cfg: Config) -> Inputs:
     check_context(model_path, cfg.model.max_model_len)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_set, held_out = split_held_out(cfg.data, load_split(cfg.data, cfg.data.split))
+    train_set = training_pool(cfg.data, train_set)
     eval_set = []
     if t.eval_every:
         eval_set = (held_out[:t.eval_samples] if held_out
@@ -69,8 +70,7 @@ def check_prompt_lengths(tokenizer, examples: list[Example], cfg: Config, key: s
     if not examples:
         return
     prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
-    # Counted with special tokens, as vLLM tokenises text prompts: never under the real length.
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]  # the ids vLLM receives
     longest = max(range(len(examples)), key=lengths.__getitem__)
     room = cfg.model.max_model_len - lengths[longest]
     if max_new_tokens > room:

@@ -42,7 +42,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Logits
 
 from rlkd.compose import from_cli  # noqa: E402
 from rlkd.config import Config, InputError  # noqa: E402
-from rlkd.data import load_split  # noqa: E402
+from rlkd.data import encode_prompt, load_split  # noqa: E402
 from rlkd.eval import PeakMemory, print_summary, score, write_results  # noqa: E402
 from rlkd.models import count_parameters, resolve_model  # noqa: E402
 from rlkd.preflight import check_context, check_prompt_lengths  # noqa: E402
@@ -150,10 +150,14 @@ class TransformersGenerator:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos if eos is not None else tokenizer.eos_token_id])
-        if tokenizer.pad_token is None:  # padding needs some token; the mask hides which
-            tokenizer.pad_token = tokenizer.eos_token
-        self.pad = tokenizer.pad_token_id
-        tokenizer.padding_side = "left"
+        # Padding needs some token; the mask hides which.
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def _left_padded(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(map(len, rows))
+        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask}
 
     def __call__(self, prompts: list[str], spec: SamplingSpec) -> Generation:
         if spec.n != 1 or spec.temperature != 0.0:
@@ -161,8 +165,7 @@ class TransformersGenerator:
         gen = Generation([], [], [], [], [])
         start = time.perf_counter()
         for b0 in range(0, len(prompts), self.batch_size):
-            enc = self.tokenizer(prompts[b0:b0 + self.batch_size], return_tensors="pt", padding=True,
-                                 add_special_tokens=False)
+            enc = self._left_padded([encode_prompt(self.tokenizer, p) for p in prompts[b0:b0 + self.batch_size]])
             record = _GreedyLogprobs()
             with torch.inference_mode():
                 # use_cache explicitly: a checkpoint's config may turn the KV cache off (older

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import psutil
 import ray
@@ -33,10 +33,14 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 import vllm  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 from vllm.distributed.weight_transfer.base import (  # noqa: E402
     WeightTransferInitRequest,
     WeightTransferUpdateRequest,
 )
+from vllm.inputs import TokensPrompt  # noqa: E402
+
+from rlkd.data import encode_prompt  # noqa: E402
 
 
 @dataclass
@@ -47,7 +51,23 @@ class SamplingSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
-    """Per-call seed; vLLM gives the i-th of n samples seed + i, so a call is reproducible."""
+    """Per-call seed. Prompt j of the call gets its own stream, `prompt_seed(seed, j)`, and vLLM
+    gives its i-th sample that seed + i: a call is reproducible, no two prompts (or steps) share a
+    stream, and sharding over actors changes nothing."""
+    first_prompt: int = 0
+    """Index of this call's first prompt in the whole batch (set by `generate_sharded`)."""
+
+
+SEED_BITS = 48  # streams seed + i of two prompts overlap with probability ~ 2n / 2**48
+
+
+def prompt_seed(call_seed: int, index: int) -> int:
+    """A well-mixed seed for prompt `index` of a call seeded `call_seed` (SplitMix64's finaliser):
+    nearby call seeds (step s, s + 1) and nearby prompts give unrelated streams."""
+    x = (call_seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (x ^ (x >> 31)) >> (64 - SEED_BITS)
 
 
 @dataclass
@@ -177,6 +197,7 @@ class RolloutWorker:
             # GPUs this actor already holds; its own processes use the actor's GPUs instead.
             extra["distributed_executor_backend"] = "mp"
         self.nccl_rank_offset = nccl_rank_offset(actor_index, tensor_parallel_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)  # the driver's, for encode_prompt
         self.llm = vllm.LLM(
             model_path,
             dtype=dtype,
@@ -199,16 +220,16 @@ class RolloutWorker:
 
     def generate(self, prompts: list[str], spec: SamplingSpec) -> Generation:
         greedy = spec.temperature == 0.0
-        params = vllm.SamplingParams(
+        params = [vllm.SamplingParams(
             n=spec.n,
             max_tokens=spec.max_tokens,
             temperature=spec.temperature,
             top_p=1.0 if greedy else spec.top_p,
-            seed=spec.seed,
+            seed=None if spec.seed is None else prompt_seed(spec.seed, spec.first_prompt + j),
             logprobs=0,
-        )
+        ) for j in range(len(prompts))]
         start = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(token_prompts(self.tokenizer, prompts), params, use_tqdm=False)
         seconds = time.perf_counter() - start
         gen = Generation([], [], [], [], [], seconds)
         for out in outputs:
@@ -266,6 +287,11 @@ class RolloutWorker:
 RolloutActor = ray.remote(RolloutWorker)
 
 
+def token_prompts(tokenizer, prompts: list[str]) -> list[TokensPrompt]:
+    """vLLM gets token ids from `encode_prompt`, the tokenization SFT and the learner use."""
+    return [TokensPrompt(prompt_token_ids=encode_prompt(tokenizer, p)) for p in prompts]
+
+
 def nccl_rank_offset(actor_index: int, tensor_parallel_size: int) -> int:
     """First rank of rollout actor `actor_index`'s workers in the NCCL weight-transfer group:
     the learner sends as rank 0, actor i's tensor-parallel workers take the next block."""
@@ -289,9 +315,11 @@ def shard(items: list, num_shards: int) -> list[list]:
 
 def generate_sharded(actors: list, prompts: list[str], spec: SamplingSpec) -> Generation:
     """Spread prompts over the rollout actors and gather the completions in prompt order."""
+    chunks = shard(prompts, len(actors))
+    firsts = [spec.first_prompt + sum(map(len, chunks[:i])) for i in range(len(chunks))]
     parts = [
-        actor.generate.remote(chunk, spec)
-        for actor, chunk in zip(actors, shard(prompts, len(actors)), strict=True)
+        actor.generate.remote(chunk, replace(spec, first_prompt=first))
+        for actor, chunk, first in zip(actors, chunks, firsts, strict=True)
         if chunk
     ]
     return Generation.concat(ray.get(parts))

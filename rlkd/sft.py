@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from rlkd.config import Config, ConfigError, SFTTarget
 from rlkd.console import close_quietly, out, say, terminal
 from rlkd.cot import gold_text
-from rlkd.data import build_prompt, load_split, split_held_out
+from rlkd.data import build_prompt, encode_prompt, load_split, split_held_out, training_pool
 from rlkd.eval import score
 from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
 from rlkd.hardware import rollout_dtype
@@ -77,7 +77,7 @@ def sft_examples(cfg: Config) -> list[SFTExample]:
                for r in rows]
     else:
         out = [SFTExample(ex.id, ex.question, f"#### {ex.answer}" if answer_only else gold_text(ex, s.strip_calculator))
-               for ex in train]
+               for ex in training_pool(cfg.data, train)]
     held_ids = {ex.id for ex in held}
     out = [ex for ex in out if ex.id not in held_ids]
     return out[:s.num_examples] if s.num_examples > 0 else out
@@ -89,7 +89,7 @@ def tokenize(examples: list[SFTExample], tokenizer, cfg: Config) -> tuple[TrainB
     end = tokenizer.eos_token or ""
     prompts, completions, dropped = [], [], 0
     for ex in examples:
-        p = tokenizer(build_prompt(tokenizer, ex.question, cfg.data), add_special_tokens=False)["input_ids"]
+        p = encode_prompt(tokenizer, build_prompt(tokenizer, ex.question, cfg.data))
         c = tokenizer(ex.target + end, add_special_tokens=False)["input_ids"]
         if len(p) + len(c) > cfg.sft.max_seq_len:
             dropped += 1

@@ -171,6 +171,9 @@ def test_every_field_has_a_docstring(cls):
             ["eval.max_new_tokens=384", "model.max_model_len=200"],
         ),
         (["eval.compare=[a.jsonl]"], ["eval.compare needs exactly two"]),
+        (["grpo.loss=ppo"], ["'grpo.loss'", "'ppo'", "grpo", "gspo", "cispo"]),
+        (["grpo.adv_estimator=rloo", "grpo.group_size=1"], ["grpo.adv_estimator=rloo", "group_size >= 2"]),
+        (["data.max_solution_steps=-1"], ["data.max_solution_steps=-1 must be >= 0"]),
     ],
 )
 def test_cli_errors_are_one_line_and_name_the_culprit(overrides, expected):

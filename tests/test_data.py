@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from rlkd.config import DataConfig
-from rlkd.data import DataError, Example, PromptSampler, build_prompt, load_split
+from rlkd.data import DataError, Example, PromptSampler, build_prompt, load_split, solution_steps, training_pool
 
 needs_gsm8k = pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason="no local GSM8K copy")
 
@@ -241,3 +241,25 @@ def test_default_is_the_shipped_gsm8k(split, n):
     reference = load_split(DataConfig(path=str(GSM8K_DIR)), split)
     assert len(shipped) == n and shipped == reference
     assert shipped[0].id == f"gsm8k:{split}:0"
+
+
+def test_max_solution_steps_keeps_short_gold_solutions(tmp_path):
+    # Steps are counted by hand here: one line per calculation, blank lines ignored.
+    rows = [{"question": "q1", "answer": "a = 1\nb = 2\n#### 2"},
+            {"question": "q2", "answer": "a = 1\n\nb = 2\nc = 3\n#### 3"},
+            {"question": "q3", "answer": "a = 1\n#### 1"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_split(DataConfig(path=str(tmp_path)), "train")
+    assert [solution_steps(ex) for ex in examples] == [2, 3, 1]
+    assert [ex.question for ex in training_pool(DataConfig(max_solution_steps=2), examples)] == ["q1", "q3"]
+    assert training_pool(DataConfig(), examples) == examples
+    with pytest.raises(DataError, match="data.max_solution_steps=1 keeps none of the 2"):
+        training_pool(DataConfig(max_solution_steps=1), examples[:2])
+
+
+def test_real_gsm8k_step_counts():
+    # GSM8K's published solution-length histogram starts at 2 steps; 55% of train has 2-3.
+    train = load_split(DataConfig(), "train")  # the shipped copy
+    short = [ex for ex in train if solution_steps(ex) <= 3]
+    assert min(solution_steps(ex) for ex in train) >= 1
+    assert 0.5 < len(short) / len(train) < 0.6

@@ -96,8 +96,10 @@ def test_in_process_teacher_scores_equal_shipped_ones(tiny):
     local = _learner(student, [teacher])
     b = local.distill_step(batch)
     assert a["train/token_reward_mean"] == pytest.approx(b["train/token_reward_mean"], abs=1e-5)
+    # Two summation orders of the same teacher logits; Adam divides by |g| and so amplifies their
+    # fp32 noise on near-zero gradients (1.06e-5 seen on an AVX-512 machine): 2% of the lr.
     for x, y in zip(shipped.engine.module.parameters(), local.engine.module.parameters(), strict=True):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
 
 
 def test_gkd_steps_shrink_the_divergence(tiny):

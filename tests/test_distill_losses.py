@@ -316,6 +316,61 @@ def test_minillm_loss_on_policy_gradient_is_weighted_reinforce():
     torch.testing.assert_close(logp.grad, expected, rtol=0, atol=1e-12)
 
 
+def _tabular_policy_sequences(vocab: int, max_len: int, eos: int = 0):
+    """Every sequence of a tabular autoregressive policy: it ends at `eos` or at max_len tokens.
+    Returns the sequences and, per sequence, the table row (its prefix's state) of each step."""
+    prefixes, seqs = {(): 0}, []
+
+    def grow(prefix):
+        for v in range(vocab):
+            y = prefix + (v,)
+            if v == eos or len(y) == max_len:
+                seqs.append(y)
+            else:
+                prefixes.setdefault(y, len(prefixes))
+                grow(y)
+
+    grow(())
+    return seqs, [[prefixes[y[:t]] for t in range(len(y))] for y in seqs], len(prefixes)
+
+
+@pytest.mark.parametrize("single_step", [False, True])
+def test_minillm_estimator_is_unbiased_for_sequence_reverse_kl(single_step):
+    # Exact enumeration of every sequence of a small tabular policy: the probability-weighted
+    # sum of the per-sample MiniLLM gradient must equal the gradient of the sequence-level
+    # reverse KL(q || p) = sum_y q(y) log(q(y) / p(y)), computed here from its definition.
+    # (Token-mean normalisation is undone by the sequence's token count; length_norm is off.)
+    seqs, rows, n_states = _tabular_policy_sequences(vocab=3, max_len=3)
+    g = torch.Generator().manual_seed(41)
+    theta = torch.randn(n_states, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    phi = 2 * torch.randn(n_states, 3, generator=g, dtype=torch.float64)  # the teacher's table
+
+    def seq_logprob(table, y, r):
+        return sum(torch.log_softmax(table[s], -1)[v] for s, v in zip(r, y, strict=True))
+
+    log_q = torch.stack([seq_logprob(theta, y, r) for y, r in zip(seqs, rows, strict=True)])
+    log_p = torch.stack([seq_logprob(phi, y, r) for y, r in zip(seqs, rows, strict=True)])
+    assert close(log_q.exp().sum().item(), 1.0, 1e-12)
+    kl = (log_q.exp() * (log_q - log_p)).sum()
+    (expected,) = torch.autograd.grad(kl, theta)
+
+    estimate = torch.zeros((), dtype=torch.float64)
+    for y, r in zip(seqs, rows, strict=True):
+        ids = torch.tensor([y])
+        student_TV, teacher_TV = theta[r], phi[r]
+        logp = torch.log_softmax(student_TV, -1).gather(1, ids.T).T
+        teacher_lp = torch.log_softmax(teacher_TV, -1).gather(1, ids.T).T
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        returns, _ = minillm_token_rewards(logp.detach(), teacher_lp, mask, gamma=1.0, length_norm=False,
+                                           from_next=single_step)
+        logits = dict(student_logits_NV=student_TV, teacher_logits_NV=teacher_TV) if single_step else {}
+        loss, _ = minillm_loss(logp, logp.detach(), returns, mask, **logits)
+        estimate = estimate + seq_logprob(theta, y, r).exp().detach() * len(y) * loss
+    (got,) = torch.autograd.grad(estimate, theta)
+    assert expected.abs().max() > 0.05  # a gradient worth matching
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
 # ---------------------------------------------------------------------------- multi-teacher
 
 

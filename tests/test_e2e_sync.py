@@ -4,6 +4,8 @@ Each group of tensors is perturbed on its own, so a transport that drops one gro
 lm_head once did: vLLM's CPU backend kept a pre-packed copy of the old embedding) fails here.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import save
@@ -64,3 +66,19 @@ def test_seeded_batch_beyond_the_token_budget_samples_reproducibly(engines):
     first, second = worker.generate(prompts, spec), worker.generate(prompts, spec)
     assert sum(len(p) for p in first.prompt_ids) > 8192
     assert first.texts == second.texts
+
+
+def test_every_prompt_and_step_samples_its_own_stream(engines):
+    # One seed per call used to give sample i of every prompt the stream seed + i: the same
+    # prompt twice in a call drew the same completions, and step s+1 replayed step s shifted by one.
+    worker, _ = engines
+    spec = SamplingSpec(n=2, max_tokens=16, temperature=1.0, seed=5)
+    same = worker.generate([PROMPT] * 4, spec)
+    assert len(set(same.texts)) == 8
+    next_step = worker.generate([PROMPT], replace(spec, seed=6))
+    assert next_step.texts[0] != same.texts[1]
+    # A prompt's stream depends on its place in the whole batch, not on how it was sharded.
+    other = "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    both = worker.generate([PROMPT, other], spec)
+    alone = worker.generate([other], replace(spec, first_prompt=1))
+    assert both.texts[2:] == alone.texts

@@ -1,9 +1,12 @@
 """Data-parallel DeepSpeed learners: real Ray actors in a placement group, one gloo process group,
 on a tiny random Llama. Two ranks must take exactly the step one rank takes on the same batch."""
 
+import json
+
 import pytest
 import ray
 import torch
+from safetensors.torch import load
 from test_learner import _batch, tiny_model  # noqa: F401  (tiny_model is a fixture)
 from test_learner_reference import (
     VARIED,
@@ -13,9 +16,13 @@ from test_learner_reference import (
     reference_step,
 )
 
+from transformers import AutoModelForCausalLM
+
 from rlkd.compose import load_config
+from rlkd.config import REPO_ROOT
 from rlkd.grpo import ACTOR_ENV, Actors, call_learners, start_learners, stop_actors
 from rlkd.placement import plan, reserve
+from rlkd.weight_source import weight_source
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +78,40 @@ def test_two_ranks_with_packing_shared_prompts_and_zero_signal_equal_the_referen
         assert torch.equal(rank0[name], rank1[name]), name
     assert_matches(metrics, rank0, reference_step(tiny_model, batch, agg="token_mean", beta=0.0, temperature=0.7,
                                                   epochs=1, minis=1, seed=0))
+
+
+def test_zero3_nccl_source_hands_over_full_gathered_weights(local_ray, tiny_model, tmp_path):  # noqa: F811
+    # Under ZeRO-3 module parameters are empty placeholders; what the NCCL sender declares and
+    # yields must be the full tensors, equal to what the shared-memory export writes.
+    ds = json.loads((REPO_ROOT / "deepspeed_configs/zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
+    cfg = load_config("grpo_gsm8k", [
+        "grpo.group_size=4", "grpo.prompts_per_step=2", "learner.lr=1e-3", "rollout.max_new_tokens=16",
+        "learner.dtype=float32", "rollout.dtype=float32", f"learner.deepspeed_config={tmp_path / 'zero3.json'}",
+        "learner.num_workers=2", "rollout.colocate=false"])
+    placement = reserve(plan(cfg), timeout_s=60)
+    learners = start_learners(cfg, tiny_model, placement)
+    actors = Actors(learners[0], [], "shm", learners, placement)
+    try:
+        call_learners(actors, "train_step", _batch(seed=3))  # weights that differ from the file
+
+        def handed_over(self):  # what send_weights_nccl iterates, on every rank together
+            source = weight_source(self.engine.module, self.zero3)
+            return ({m.name: m.shape for m in source.metadata()}, {n: t.clone() for n, t in source},
+                    max(p.numel() for p in self.engine.module.parameters()))
+
+        (meta, sent, placeholder), (meta1, sent1, _) = ray.get(
+            [lr.__ray_call__.remote(handed_over) for lr in learners])
+        exported = ray.get([lr.export_weights.remote("bytes") for lr in learners])[0]
+    finally:
+        stop_actors(actors)
+    hf = dict(AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters())
+    assert placeholder == 0  # the module holds partitions only: a plain read would send nothing
+    exported = load(exported.blob)
+    assert meta == meta1 == {k: tuple(v.shape) for k, v in hf.items()}
+    for name, tensor in sent.items():
+        assert tuple(tensor.shape) == meta[name]
+        assert torch.equal(tensor, exported[name]), name
+        assert torch.equal(tensor, sent1[name]), name
+    assert any(not torch.equal(sent[k], hf[k]) for k in hf)  # trained: the comparison is not vacuous

@@ -48,7 +48,7 @@ def make_batch(rewards: list[float], scale: str, seed: int = 0) -> TrainBatch:
 
 
 def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, temperature: float,
-                   epochs: int, minis: int, seed: int, clip=(0.2, 0.28), tis_cap=2.0):
+                   epochs: int, minis: int, seed: int, clip=(0.2, 0.28), tis_cap=2.0, loss_kind="grpo"):
     """(mean loss over optimizer steps, grad norm of the last step, parameters after)."""
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).requires_grad_(False)
@@ -77,10 +77,19 @@ def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, tempe
                 old = lp.detach() if on_policy else frozen[i]
                 ratio = torch.exp(lp - old)
                 a = batch.advantages[i]
-                surr = torch.minimum(ratio * a, ratio.clamp(1 - clip[0], 1 + clip[1]) * a)
-                w = torch.exp(old - torch.tensor(batch.rollout_logprobs[i], dtype=torch.float64)).clamp(max=tis_cap)
+                log_w = old - torch.tensor(batch.rollout_logprobs[i], dtype=torch.float64)
                 d = ref[i] - lp
-                per_row.append(-w * surr + beta * (torch.exp(d) - d - 1))
+                k3 = beta * (torch.exp(d) - d - 1)
+                if loss_kind == "grpo":  # PPO clip per token
+                    surr = torch.minimum(ratio * a, ratio.clamp(1 - clip[0], 1 + clip[1]) * a)
+                    per_row.append(-log_w.exp().clamp(max=tis_cap) * surr + k3)
+                elif loss_kind == "gspo":  # one geometric-mean ratio per sequence, on every token
+                    s = torch.exp((lp - old).mean())
+                    surr = torch.minimum(s * a, s.clamp(1 - clip[0], 1 + clip[1]) * a)
+                    per_row.append(-log_w.mean().exp().clamp(max=tis_cap) * surr * torch.ones_like(lp) + k3)
+                else:  # cispo: a clipped, constant weight times log p
+                    weight = ratio.detach().clamp(1 - clip[0], 1 + clip[1])
+                    per_row.append(-log_w.exp().clamp(max=tis_cap) * weight * a * lp + k3)
             if agg == "token_mean":
                 loss = torch.cat(per_row).sum() / sum(len(x) for x in per_row)
             elif agg == "seq_mean_token_mean":
@@ -95,8 +104,8 @@ def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, tempe
     return sum(losses) / len(losses), grad_norm, {k: v.detach() for k, v in model.named_parameters()}
 
 
-def learner_overrides(agg, beta, temperature, epochs, minis, budget, shared):
-    return [f"grpo.group_size={GROUP}", f"grpo.prompts_per_step={PROMPTS}", f"grpo.loss_agg={agg}",
+def learner_overrides(agg, beta, temperature, epochs, minis, budget, shared, loss="grpo", clip=(0.2, 0.28)):
+    return [f"grpo.loss={loss}", f"grpo.clip_low={clip[0]}", f"grpo.clip_high={clip[1]}",f"grpo.group_size={GROUP}", f"grpo.prompts_per_step={PROMPTS}", f"grpo.loss_agg={agg}",
             f"grpo.beta={beta}", f"rollout.temperature={temperature}", f"grpo.ppo_epochs={epochs}",
             f"grpo.mini_batches={minis}", f"learner.max_tokens_per_micro_batch={budget}",
             f"grpo.shared_prompt={str(shared).lower()}", f"learner.lr={LR}", f"learner.weight_decay={WD}",
@@ -121,21 +130,30 @@ CASES = {
     "sum_norm-beta-reference-shared": (VARIED, "batch", "seq_mean_token_sum_norm", 0.1, 1.0, 1, 1, 30, True),
     "token_mean-epochs-minibatches-T0.7": (VARIED, "group", "token_mean", 0.0, 0.7, 2, 2, 16, True),
     "all-zero-signal": ([0.5] * 8, "group", "token_mean", 0.0, 1.0, 1, 1, 2048, True),
+    # The other objectives off the on-policy point (two epochs, two mini-batches), where their
+    # ratios and clips matter, packed and shared.
+    "gspo-seq_mean-epochs-packed": (VARIED, "group", "seq_mean_token_mean", 0.0, 0.7, 2, 2, 24, True,
+                                    "gspo", (0.003, 0.004)),
+    "cispo-token_mean-epochs-beta": (VARIED, "none", "token_mean", 0.1, 1.0, 2, 2, 16, True,
+                                     "cispo", (1.0, 0.01)),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_learner_step_equals_from_scratch_reference(tiny_model, case):  # noqa: F811
-    rewards, scale, agg, beta, temperature, epochs, minis, budget, shared = CASES[case]
+    rewards, scale, agg, beta, temperature, epochs, minis, budget, shared, *objective = CASES[case]
+    loss_kind, clip = objective or ("grpo", (0.2, 0.28))
     batch = make_batch(rewards, scale)
-    cfg = load_config("grpo_gsm8k", learner_overrides(agg, beta, temperature, epochs, minis, budget, shared))
+    cfg = load_config("grpo_gsm8k", learner_overrides(agg, beta, temperature, epochs, minis, budget, shared,
+                                                      loss_kind, clip))
     learner = Learner(cfg, tiny_model, master_port=29741)
     before = {k: v.detach().clone() for k, v in learner.engine.module.named_parameters()}
     metrics = learner.train_step(batch)
     params = {k: v.detach() for k, v in learner.engine.module.named_parameters()}
     learner.close()
     assert_matches(metrics, params, reference_step(tiny_model, batch, agg=agg, beta=beta, temperature=temperature,
-                                                   epochs=epochs, minis=minis, seed=cfg.run.seed))
+                                                   epochs=epochs, minis=minis, seed=cfg.run.seed, clip=clip,
+                                                   loss_kind=loss_kind))
     unscored = sum(1 for a, c in zip(batch.advantages, batch.completion_ids, strict=True)
                    if not c or (beta == 0 and a == 0))
     assert metrics["train/skipped_rows_frac"] == pytest.approx(unscored / len(batch))

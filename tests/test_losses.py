@@ -7,8 +7,10 @@ import torch
 
 from rlkd.losses import (
     aggregate,
+    cispo_loss,
     group_advantages,
     grpo_loss,
+    gspo_loss,
     selective_log_softmax,
     sft_loss,
 )
@@ -154,6 +156,34 @@ def test_group_advantages_validates():
         group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError):
         group_advantages(torch.zeros(4), 2, scale="bogus")
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        group_advantages(torch.zeros(4), 1, baseline="leave_one_out")
+
+
+@pytest.mark.parametrize("scale", ["group", "none", "batch"])
+def test_leave_one_out_baseline_matches_loop(scale):
+    # RLOO (Ahmadian et al. 2024): each completion is compared with the mean of the others.
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0, 2.0, -1.0, 0.0, 0.0]
+    G, eps = 4, 1e-6
+    centred, stds = [], []
+    for g0 in range(0, len(rewards), G):
+        grp = rewards[g0:g0 + G]
+        mu = sum(grp) / G
+        std = math.sqrt(sum((r - mu) ** 2 for r in grp) / G)
+        for i, r in enumerate(grp):
+            others = [x for j, x in enumerate(grp) if j != i]
+            centred.append(r - sum(others) / (G - 1))
+            stds.append(std)
+    if scale == "group":
+        ref = [c / (s + eps) for c, s in zip(centred, stds, strict=True)]
+    elif scale == "none":
+        ref = centred
+    else:
+        mu = sum(centred) / len(centred)
+        ref = [c / (math.sqrt(sum((x - mu) ** 2 for x in centred) / len(centred)) + eps) for c in centred]
+    adv, _ = group_advantages(torch.tensor(rewards), G, scale=scale, baseline="leave_one_out")
+    for a, r in zip(adv.tolist(), ref, strict=True):
+        assert close(a, r, 1e-5)
 
 
 # ---------------------------------------------------------------------------- aggregate
@@ -351,11 +381,12 @@ def test_sft_loss_matches_loop():
 
 def _all_masked_losses(logp, old, mask):
     adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
-    for mode in AGG_MODES:
-        yield grpo_loss(
-            logp, old, adv, mask, beta=0.1, ref_logprobs_BT=old, rollout_logprobs_BT=old,
-            loss_agg=mode, max_len=3,
-        )  # fmt: skip
+    for loss_fn in (grpo_loss, gspo_loss, cispo_loss):
+        for mode in AGG_MODES:
+            yield loss_fn(
+                logp, old, adv, mask, beta=0.1, ref_logprobs_BT=old, rollout_logprobs_BT=old,
+                loss_agg=mode, max_len=3,
+            )  # fmt: skip
     yield sft_loss(logp, mask)
 
 
@@ -368,13 +399,14 @@ def test_all_masked_gives_finite_zero_with_grad_path():
         assert loss.dim() == 0 and loss.item() == 0.0 and loss.requires_grad
         assert all(math.isfinite(v) for v in metrics.values())
         loss.backward()
-    assert n == 4
+    assert n == 10
 
 
-def test_all_masked_grads_are_zero():
+@pytest.mark.parametrize("loss_fn", [grpo_loss, gspo_loss, cispo_loss])
+def test_all_masked_grads_are_zero(loss_fn):
     mask = torch.zeros(2, 3, dtype=torch.bool)
     logp = (-torch.rand(2, 3, dtype=torch.float64)).requires_grad_()
-    loss, _ = grpo_loss(logp, logp.detach() - 0.5, torch.ones(2).double(), mask)
+    loss, _ = loss_fn(logp, logp.detach() - 0.5, torch.ones(2).double(), mask)
     loss.backward()
     assert (logp.grad == 0).all()
 
@@ -395,3 +427,116 @@ def test_selective_log_softmax_with_temperature_matches_brute_force():
     ref16 = torch.log_softmax(x16.double() / 0.7, -1).gather(-1, ids[..., None])[..., 0]
     assert got16.dtype == torch.float32
     torch.testing.assert_close(got16.double(), ref16, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GSPO and CISPO
+
+
+def _policy_inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(4, 5, generator=g, dtype=torch.float64) * 2
+    # ratios on both sides of every clip range used below
+    logp = (old + torch.randn(4, 5, generator=g, dtype=torch.float64) * 0.4).requires_grad_()
+    rollout = old + torch.randn(4, 5, generator=g, dtype=torch.float64) * 0.5
+    ref = old + torch.randn(4, 5, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.tensor([1.5, -0.7, -1.0, 0.8], dtype=torch.float64)
+    return logp, old, rollout, ref, adv
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+@pytest.mark.parametrize("clip", [(3e-4, 4e-4), (0.05, 0.1)])
+def test_gspo_matches_loop_values_and_grads(mode, clip):
+    logp, old, rollout, ref, adv = _policy_inputs(61)
+    beta, cap = 0.1, 1.3
+    loss, metrics = gspo_loss(logp, old, adv, MASK_BT, clip_low=clip[0], clip_high=clip[1], beta=beta,
+                              ref_logprobs_BT=ref, rollout_logprobs_BT=rollout, tis_cap=cap,
+                              loss_agg=mode, max_len=6)
+    loss.backward()
+    # Reference: per sequence, s = geometric mean of token ratios; its gradient by autograd on a
+    # separately written scalar formula, row by row.
+    x = logp.detach().clone().requires_grad_()
+    values, clipped = [], []
+    for b in range(4):
+        idx = [t for t in range(5) if MASK_BT[b, t]]
+        if not idx:
+            values.append([torch.zeros((), dtype=torch.float64)] * 5)
+            continue
+        s = torch.exp(sum(x[b, t] - old[b, t] for t in idx) / len(idx))
+        w = min(math.exp(sum((old[b, t] - rollout[b, t]).item() for t in idx) / len(idx)), cap)
+        a = adv[b].item()
+        lo, hi = 1 - clip[0], 1 + clip[1]
+        surr, clip_surr = s * a, torch.clamp(s, lo, hi) * a
+        seq = -w * torch.minimum(surr, clip_surr)
+        clipped.append(bool(clip_surr < surr))
+        row = []
+        for t in range(5):
+            d = ref[b, t] - x[b, t]
+            row.append(seq + beta * (torch.exp(d) - d - 1))
+        values.append(row)
+    ref_loss = ref_aggregate(values, MASK_BT.tolist(), mode, max_len=6)
+    ref_loss.backward()
+    assert close(loss, ref_loss, 1e-12)
+    torch.testing.assert_close(logp.grad, x.grad, rtol=0, atol=1e-12)
+    assert close(metrics["clip_frac"], sum(clipped) / len(clipped), 1e-12)
+
+
+def test_gspo_on_policy_gradient_is_the_sequence_mean_of_token_gradients():
+    # At ratio 1 (and w = 1), d loss / d logp_bt = -A_b / |y_b| / (number of sequences).
+    logp, _, _, _, adv = _policy_inputs(62)
+    loss, _ = gspo_loss(logp, logp.detach(), adv, MASK_BT)
+    loss.backward()
+    n_seq = MASK_BT.any(-1).sum()
+    expected = torch.where(MASK_BT, -adv[:, None] / MASK_BT.sum(-1, keepdim=True).clamp(min=1) / n_seq, 0.0)
+    torch.testing.assert_close(logp.grad, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_cispo_matches_loop_values_and_grads(mode):
+    logp, old, rollout, ref, adv = _policy_inputs(63)
+    lo, hi, beta, cap = 0.1, 0.15, 0.05, 1.4
+    loss, metrics = cispo_loss(logp, old, adv, MASK_BT, clip_low=lo, clip_high=hi, beta=beta,
+                               ref_logprobs_BT=ref, rollout_logprobs_BT=rollout, tis_cap=cap,
+                               loss_agg=mode, max_len=6)
+    loss.backward()
+    values, grads, clipped = [], [], []
+    for b in range(4):
+        vrow, grow = [], []
+        for t in range(5):
+            lp, o = logp[b, t].item(), old[b, t].item()
+            rho = math.exp(lp - o)
+            weight = min(max(rho, 1 - lo), 1 + hi)
+            w = min(math.exp(o - rollout[b, t].item()), cap)
+            d = ref[b, t].item() - lp
+            a = adv[b].item()
+            vrow.append(-w * weight * a * lp + beta * (math.exp(d) - d - 1))
+            # d/dlp: the clipped weight is a constant (stop-gradient); k3' = 1 - exp(d)
+            grow.append(-w * weight * a + beta * (1 - math.exp(d)))
+            if MASK_BT[b, t]:
+                clipped.append(weight != rho)
+        values.append(vrow)
+        grads.append(grow)
+    assert close(loss, ref_aggregate(values, MASK_BT.tolist(), mode, max_len=6), 1e-12)
+    # The aggregation is linear: each token's gradient is its own scaled by its weight in the mean.
+    unit = [[1.0 if m else 0.0 for m in row] for row in MASK_BT.tolist()]
+    for b in range(4):
+        for t in range(5):
+            if not MASK_BT[b, t]:
+                assert logp.grad[b, t] == 0
+                continue
+            one = [[1.0 if (i, j) == (b, t) else 0.0 for j in range(5)] for i in range(4)]
+            share = ref_aggregate(one, MASK_BT.tolist(), mode, max_len=6)
+            assert close(logp.grad[b, t], grads[b][t] * share, 1e-12)
+    assert unit and close(metrics["clip_frac"], sum(clipped) / len(clipped), 1e-12)
+
+
+def test_cispo_keeps_the_gradient_of_tokens_ppo_clips():
+    # A token far above the clip range: PPO's min zeroes its gradient, CISPO keeps A * weight.
+    logp = torch.tensor([[0.0]], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([[-1.0]], dtype=torch.float64)  # ratio e
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    adv = torch.tensor([1.0], dtype=torch.float64)
+    grpo, _ = grpo_loss(logp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    (g_grpo,) = torch.autograd.grad(grpo, logp)
+    cispo, _ = cispo_loss(logp, old, adv, mask, clip_low=1.0, clip_high=0.28)
+    (g_cispo,) = torch.autograd.grad(cispo, logp)
+    assert g_grpo.item() == 0.0 and close(g_cispo, -1.28, 1e-12)

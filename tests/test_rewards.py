@@ -15,6 +15,7 @@ from rewards.format import (
     format_think,
     format_think_partial,
 )
+from rewards.arithmetic import arithmetic_steps
 from rewards.gsm8k import gsm8k_correct
 from rlkd.answer import answers_match, extract_answer, is_correct
 
@@ -159,7 +160,7 @@ def test_load_reward_by_name_dotted_path_and_file():
     [
         (
             "gsm8k_corect",
-            "reward 'gsm8k_corect': unknown name (built-ins: gsm8k_correct, format_answer_line, "
+            "reward 'gsm8k_corect': unknown name (built-ins: gsm8k_correct, arithmetic_steps, format_answer_line, "
             "format_answer_line_partial, format_think, format_think_partial; or use "
             "'pkg.module:fn' / 'path/to/file.py:fn'); did you mean 'gsm8k_correct'?",
         ),
@@ -258,3 +259,27 @@ def test_a_truncated_completion_is_not_graded_by_its_last_number():
     line = "16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars.\n#### 18"
     assert gsm8k_correct([mid, mid, line], answer=["18"] * 3, truncated=[False, True, True]) == [1.0, 0.0, 1.0]
     assert gsm8k_correct([mid], answer=["18"]) == [1.0]  # no truncated column: graded as before
+
+
+QUESTION = "Tom has 120 books and buys 3 boxes of 4 books each."
+
+
+@pytest.mark.parametrize("completion, score", [
+    ("3 * 4 = 12\n120 + 12 = 132\n#### 132", 1.0),  # right and grounded, the second on a result
+    ("3 x 4 = 12 and 120 + 12 = 133", 0.5),  # x multiplies; the second sum is wrong
+    ("120 - 90 = 10", 0.0),  # wrong
+    ("1 + 1 = 2, so 120 + 3 = 123", 0.5),  # the first is right but unrelated to the question
+    ("The answer is 132.", 0.0),  # no equation: nothing to check
+    ("$120 / 4 = $30", 1.0),  # currency signs
+    ("1,200 + 5 = 1,205", 0.0),  # neither 1,200 nor 5 is in the question
+    ("(120 + 3) * 4 = 492", 1.0),
+    ("12 = 12 and 3 ** 4 = 81 and 4 / 0 = 1", 0.0),  # no operator; power and /0 are not checked
+])
+def test_arithmetic_steps_by_hand(completion, score):
+    assert arithmetic_steps([completion], question=[QUESTION]) == [score]
+
+
+def test_arithmetic_steps_gives_nothing_to_a_truncated_completion():
+    text = "3 * 4 = 12"
+    assert arithmetic_steps([text, text], question=[QUESTION] * 2, truncated=[False, True]) == [1.0, 0.0]
+    assert REGISTRY["arithmetic_steps"] is arithmetic_steps

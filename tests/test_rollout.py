@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from conftest import REPO_ROOT
 
-from rlkd.rollout import Generation, shard
+from rlkd.rollout import Generation, prompt_seed, shard
 from rlkd.sampling import repeat_each
 
 
@@ -81,3 +81,15 @@ def test_live_or_deliberately_stopped_engine_leaves_the_process_alone(dead, stop
 
 def test_the_engine_shut_down_at_interpreter_exit_is_not_a_death():
     assert _watchdog(dead=False, stopping=False, dies_at_exit=True).returncode == 0
+
+
+def test_prompt_seed_streams_never_overlap():
+    # vLLM draws sample i of a request from seed + i; every (step, prompt) stream must be its own.
+    n, spans = 16, []
+    for step in range(200):
+        for j in range(64):
+            s = prompt_seed(1_000_003 + step, j)
+            assert 0 <= s < 2**63 - n
+            spans.append((s, s + n))
+    spans.sort()
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
