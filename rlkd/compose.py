@@ -305,6 +305,11 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.save_every", t.save_every, t.save_every >= 0, ">= 0"),
         ("trainer.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, ">= 0"),
         ("model.max_model_len", cfg.model.max_model_len, cfg.model.max_model_len >= 2, ">= 2"),
+        ("learner.lora.rank", lr.lora.rank, lr.lora.rank >= 0, ">= 0 (0 trains every weight)"),
+        ("learner.lora.alpha", lr.lora.alpha, lr.lora.alpha > 0, "> 0"),
+        ("learner.lora.dropout", lr.lora.dropout, 0 <= lr.lora.dropout < 1, "in [0, 1)"),
+        ("learner.lora.target_modules", list(lr.lora.target_modules),
+         lr.lora.rank == 0 or len(lr.lora.target_modules) > 0, "non-empty"),
     ]
     ranges += [(key, value, value >= 0, ">= 0") for key, value in {
         "rollout.max_restarts": ro.max_restarts, "trainer.max_bad_steps": t.max_bad_steps,

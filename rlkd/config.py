@@ -219,6 +219,22 @@ class RolloutConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r (Hu et al. 2021, through PEFT); 0 trains every weight. With r > 0 only the
+    adapters get gradients and optimizer state; the rollout engines, checkpoints and evaluation
+    get the merged weights W + (alpha / r) B A."""
+    alpha: float = 32.0
+    """The adapters' update is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input. Above 0 the learner's training forward is no longer the
+    merged model the sampler runs, so the importance weights see the difference."""
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names (last component) of the model's nn.Linear layers that get adapters."""
+
+
+@dataclass
 class LearnerConfig:
     deepspeed_config: str = "deepspeed_configs/zero2.json"
     """DeepSpeed JSON config (relative to the repo root or absolute)."""
@@ -248,6 +264,8 @@ class LearnerConfig:
     """DeepSpeed data-parallel learner workers (one process group: gloo on CPU, NCCL on GPU)."""
     cpus_per_worker: float = 1.0
     """CPUs each learner worker reserves in its placement-group bundle."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (GRPO, SFT and distillation)."""
 
 
 @dataclass

@@ -46,6 +46,7 @@ from rlkd.grpo import (
     sync_weights,
 )
 from rlkd.hardware import rollout_dtype
+from rlkd.lora import check_lora
 from rlkd.losses import BASELINES, group_advantages
 from rlkd.models import count_parameters, resolve_model
 from rlkd.prune import prune
@@ -92,6 +93,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     cache = cfg.model.cache_dir or None
     teacher_paths = [str(resolve_model(name, cache)) for name in d.teachers]
     student_path = build_student(cfg, run_dir, teacher_paths[0])
+    check_lora(student_path, cfg.learner.lora)
     vocab_size = shared_vocab_size(student_path, teacher_paths)
     sizes = {"params/student": count_parameters(student_path),
              **{f"params/teacher_{k}": count_parameters(p) for k, p in enumerate(teacher_paths)}}

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.config import REPO_ROOT, Config
 from rlkd.hardware import resolve_learner_dtype, rollout_dtype
+from rlkd.lora import ADAPTER_DIR, apply_lora
 from rlkd.losses import POLICY_LOSSES, selective_log_softmax, sft_loss
 from rlkd.packing import (
     MicroBatch,
@@ -31,7 +32,7 @@ from rlkd.packing import (
     score_micro_batch,
 )
 from rlkd.rollout import WeightUpdate
-from rlkd.weight_source import weight_source
+from rlkd.weight_source import ExportSource, exported
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint: optimizer and scheduler state
 TRAINER_STATE = "trainer_state.pt"  # present only in checkpoints that can be resumed
@@ -162,8 +163,11 @@ class Learner:
         enable_segment_attention(model)
         if cfg.learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.reference = None
-        if cfg.grpo.beta > 0:
+        self.lora = cfg.learner.lora.rank > 0
+        if self.lora:
+            model = apply_lora(model, cfg.learner.lora, cfg.learner.gradient_checkpointing)
+        self.reference = None  # with LoRA the reference is the base model, adapters off
+        if cfg.grpo.beta > 0 and not self.lora:
             self.reference = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.load_dtype)
             enable_segment_attention(self.reference)
             self.reference.to(self.device).eval().requires_grad_(False)
@@ -173,7 +177,10 @@ class Learner:
         self.minibatch_size = g.group_size * g.prompts_per_step // g.mini_batches
         # Each rank trains on its 1/world_size of every mini-batch.
         micro_per_step = -(-self.minibatch_size // world_size // cfg.learner.micro_batch_size)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learner.lr,
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.trained_note = (f"LoRA rank {cfg.learner.lora.rank}: {sum(p.numel() for p in trainable):,} of "
+                             f"{sum(p.numel() for p in model.parameters()):,} parameters train") if self.lora else ""
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.learner.lr,
                                       weight_decay=cfg.learner.weight_decay,
                                       fused=self.device.type == "cuda")
         warmup = max(cfg.learner.warmup_steps, 0)
@@ -211,6 +218,12 @@ class Learner:
             for b, r in enumerate(mb.rows):
                 out[r] = lp_BT[b, :len(batch.completion_ids[r])]
         return out
+
+    def _reference_logprobs(self, batch: TrainBatch, rows: list[int]) -> dict[int, torch.Tensor]:
+        if self.reference is not None:
+            return self._frozen_logprobs(self.reference, batch, rows)
+        with self.engine.module.disable_adapter():  # LoRA: the base model is the reference
+            return self._frozen_logprobs(self.engine.module, batch, rows)
 
     def _row_tensor(self, rows_values: list, like_BT: torch.Tensor) -> torch.Tensor:
         """Per-row value lists (completion-aligned) as a [B, T] tensor shaped like like_BT."""
@@ -268,7 +281,7 @@ class Learner:
         # Off-policy epochs need the pre-update policy's logprobs, frozen before any step; both
         # frozen passes score only the rows this rank trains on.
         old = None if on_policy else self._frozen_logprobs(self.engine.module, batch, mine)
-        ref = self._frozen_logprobs(self.reference, batch, mine) if self.reference is not None else None
+        ref = self._reference_logprobs(batch, mine) if g.beta > 0 else None
         sums: dict[str, float] = {"loss": 0.0}
         weight_total = 0.0
         skipped_before = self.engine.skipped_steps
@@ -407,13 +420,18 @@ class Learner:
     # ---- weights out ---------------------------------------------------------------------
 
     def _named_weights(self) -> dict[str, torch.Tensor]:
-        """Parameters only: tied lm_head is shared with embed_tokens and vLLM re-ties it."""
-        params = dict(self.engine.module.named_parameters())
+        """The plain model's parameters (LoRA merged, ZeRO-3 gathered: a collective then). A
+        tied lm_head is exported once, as embed_tokens, and vLLM re-ties it."""
         dtype = DTYPES[rollout_dtype(self.cfg)]
-        # ZeRO-3 shards parameters across ranks; gather them for the export.
-        gather = deepspeed.zero.GatheredParameters(list(params.values())) if self.zero3 else nullcontext()
-        with gather:
-            return {k: v.detach().to("cpu", dtype).clone() for k, v in params.items()}
+        return {n: t.to("cpu", dtype) for names, tensors in exported(self.engine.module, self.zero3)
+                for n, t in zip(names, tensors, strict=True)}
+
+    def _adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapters under PEFT's parameter names, for its save_pretrained (collective under
+        ZeRO-3)."""
+        lora = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in lora]) if self.zero3 else nullcontext():
+            return {n: p.detach().to("cpu").clone() for n, p in lora}
 
     def export_weights(self, transport: str) -> WeightUpdate | None:
         """`shm`: a safetensors file on this node's shared memory; `bytes`: the same as bytes,
@@ -449,7 +467,7 @@ class Learner:
                                    master_port=master_port, world_size=world_size, rank=self.rank)
         self.nccl = NCCLTrainerWeightTransferEngine.trainer_init(
             info, client=RayVLLMWeightSyncClient(rollout_actors),
-            source=weight_source(self.engine.module, self.zero3))
+            source=ExportSource(self.engine.module, self.zero3))
 
     def send_weights_nccl(self) -> float:
         """Every rank calls this together: rank 0 broadcasts, the others join its gathers."""
@@ -475,11 +493,17 @@ class Learner:
                 learner = {"version": self.version, "torch_rng": torch.get_rng_state(),
                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
                 torch.save({**trainer_state, "learner": learner}, tmp / TRAINER_STATE)
+        # Under ZeRO-3 the gathers are collective: every rank exports, rank 0 writes.
+        exports = self.zero3 or self.rank == 0
+        weights = self._named_weights() if exports and (self.zero3 or self.lora) else None
+        adapter = self._adapter_state() if exports and self.lora else None
         if self.rank != 0:
-            if self.zero3:
-                self._named_weights()  # the gather is collective
             return None
-        self.engine.module.save_pretrained(tmp, state_dict=self._named_weights() if self.zero3 else None)
+        if self.lora:  # a plain HF checkpoint of the merged weights, and the adapter alone
+            self.engine.module.get_base_model().save_pretrained(tmp, state_dict=weights)
+            self.engine.module.save_pretrained(tmp / ADAPTER_DIR, state_dict=adapter)
+        else:
+            self.engine.module.save_pretrained(tmp, state_dict=weights)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(tmp)
         gen_cfg = Path(self.model_path) / "generation_config.json"
         if gen_cfg.exists():
@@ -506,8 +530,9 @@ class Learner:
         return self.version
 
     def precision(self) -> str:
-        """The compute precision and why it was chosen, for the driver to print."""
-        return self.precision_note
+        """The compute precision and why it was chosen (and what LoRA trains), for the driver
+        to print."""
+        return "; ".join(filter(None, [self.precision_note, self.trained_note]))
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

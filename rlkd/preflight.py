@@ -12,7 +12,15 @@ from transformers import AutoTokenizer
 
 from rewards import compute_rewards, load_reward
 from rlkd.config import Config, InputError
-from rlkd.data import Example, build_prompt, encode_prompt, load_split, split_held_out, training_pool
+from rlkd.data import (
+    Example,
+    build_prompt,
+    encode_prompt,
+    load_split,
+    split_held_out,
+    training_pool,
+)
+from rlkd.lora import check_lora
 from rlkd.models import resolve_model
 from rlkd.sampling import reward_columns
 
@@ -36,6 +44,7 @@ def load_inputs(cfg: Config) -> Inputs:
     t = cfg.trainer
     model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
     check_context(model_path, cfg.model.max_model_len)
+    check_lora(model_path, cfg.learner.lora)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_set, held_out = split_held_out(cfg.data, load_split(cfg.data, cfg.data.split))
     train_set = training_pool(cfg.data, train_set)

@@ -33,6 +33,7 @@ from rlkd.eval import score
 from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
 from rlkd.hardware import rollout_dtype
 from rlkd.learner import LearnerActor, TrainBatch
+from rlkd.lora import check_lora
 from rlkd.models import resolve_model
 from rlkd.recovery import actor_died, interrupted, save_on_interrupt, shutdown
 from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
@@ -114,6 +115,7 @@ def batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
 def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     s, t = cfg.sft, cfg.trainer
     model_path = str(resolve_model(cfg.model.name, cfg.model.cache_dir or None))
+    check_lora(model_path, cfg.learner.lora)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     examples = sft_examples(cfg)
     random.Random(cfg.run.seed).shuffle(examples)

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM
 
+from rlkd.compose import load_config
+from rlkd.learner import Learner, TrainBatch
 from rlkd.models import resolve_model
 from rlkd.rollout import RolloutWorker, SamplingSpec, WeightUpdate
 
@@ -82,3 +84,22 @@ def test_every_prompt_and_step_samples_its_own_stream(engines):
     both = worker.generate([PROMPT, other], spec)
     alone = worker.generate([other], replace(spec, first_prompt=1))
     assert both.texts[2:] == alone.texts
+
+
+def test_lora_step_syncs_the_merged_weights(engines, tmp_path):
+    # After a LoRA step vLLM must sample from W + s B A, the learner's own forward, not from the
+    # base model (adapters dropped) or the unscaled sum.
+    worker, base = engines
+    path = str(resolve_model("smollm2-135m-instruct"))
+    cfg = load_config("grpo_gsm8k", ["learner.lora.rank=8", "learner.lr=1e-3", "learner.dtype=float32",
+                                     "rollout.dtype=float32", "grpo.group_size=4", "grpo.prompts_per_step=1"])
+    learner = Learner(cfg, path, master_port=29761)
+    gen = worker.generate([PROMPT], SamplingSpec(n=4, max_tokens=16, temperature=1.0, seed=1))
+    learner.train_step(TrainBatch(gen.prompt_ids * 4, gen.completion_ids, gen.logprobs, [1.0, -1.0, 0.5, -0.5]))
+    worker.update_weights(learner.export_weights("shm"))
+    learner.engine.module.eval()
+    try:
+        assert _mismatch(worker, learner.engine.module) < 1e-4
+        assert _mismatch(worker, base) > 1e-3  # the step moved the model: the check has teeth
+    finally:
+        learner.close()

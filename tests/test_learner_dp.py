@@ -15,14 +15,13 @@ from test_learner_reference import (
     make_batch,
     reference_step,
 )
-
 from transformers import AutoModelForCausalLM
 
 from rlkd.compose import load_config
 from rlkd.config import REPO_ROOT
 from rlkd.grpo import ACTOR_ENV, Actors, call_learners, start_learners, stop_actors
 from rlkd.placement import plan, reserve
-from rlkd.weight_source import weight_source
+from rlkd.weight_source import ExportSource
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +79,19 @@ def test_two_ranks_with_packing_shared_prompts_and_zero_signal_equal_the_referen
                                                   epochs=1, minis=1, seed=0))
 
 
-def test_zero3_nccl_source_hands_over_full_gathered_weights(local_ray, tiny_model, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("lora", [False, True])
+def test_zero3_nccl_source_hands_over_full_gathered_weights(local_ray, tiny_model, tmp_path, lora):  # noqa: F811
     # Under ZeRO-3 module parameters are empty placeholders; what the NCCL sender declares and
-    # yields must be the full tensors, equal to what the shared-memory export writes.
+    # yields must be the full tensors, equal to what the shared-memory export writes, and (LoRA
+    # merged) give a plain model the learner's own forward.
     ds = json.loads((REPO_ROOT / "deepspeed_configs/zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
     cfg = load_config("grpo_gsm8k", [
         "grpo.group_size=4", "grpo.prompts_per_step=2", "learner.lr=1e-3", "rollout.max_new_tokens=16",
         "learner.dtype=float32", "rollout.dtype=float32", f"learner.deepspeed_config={tmp_path / 'zero3.json'}",
-        "learner.num_workers=2", "rollout.colocate=false"])
+        "learner.num_workers=2", "rollout.colocate=false",
+        *(["learner.lora.rank=4", "learner.lora.target_modules=[q_proj,o_proj,up_proj]"] if lora else [])])
     placement = reserve(plan(cfg), timeout_s=60)
     learners = start_learners(cfg, tiny_model, placement)
     actors = Actors(learners[0], [], "shm", learners, placement)
@@ -97,11 +99,14 @@ def test_zero3_nccl_source_hands_over_full_gathered_weights(local_ray, tiny_mode
         call_learners(actors, "train_step", _batch(seed=3))  # weights that differ from the file
 
         def handed_over(self):  # what send_weights_nccl iterates, on every rank together
-            source = weight_source(self.engine.module, self.zero3)
+            source = ExportSource(self.engine.module, self.zero3)
+            self.engine.module.eval()
+            with torch.no_grad():  # a forward is collective under ZeRO-3 too
+                logits = self.engine.module(input_ids=torch.arange(3, 20)[None]).logits[0]
             return ({m.name: m.shape for m in source.metadata()}, {n: t.clone() for n, t in source},
-                    max(p.numel() for p in self.engine.module.parameters()))
+                    max(p.numel() for p in self.engine.module.parameters()), logits)
 
-        (meta, sent, placeholder), (meta1, sent1, _) = ray.get(
+        (meta, sent, placeholder, logits), (meta1, sent1, _, _) = ray.get(
             [lr.__ray_call__.remote(handed_over) for lr in learners])
         exported = ray.get([lr.export_weights.remote("bytes") for lr in learners])[0]
     finally:
@@ -115,3 +120,8 @@ def test_zero3_nccl_source_hands_over_full_gathered_weights(local_ray, tiny_mode
         assert torch.equal(tensor, exported[name]), name
         assert torch.equal(tensor, sent1[name]), name
     assert any(not torch.equal(sent[k], hf[k]) for k in hf)  # trained: the comparison is not vacuous
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
+    plain.load_state_dict(sent, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=torch.arange(3, 20)[None]).logits[0], logits,
+                                   atol=1e-5, rtol=1e-5)

@@ -48,11 +48,33 @@ def make_batch(rewards: list[float], scale: str, seed: int = 0) -> TrainBatch:
 
 
 def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, temperature: float,
-                   epochs: int, minis: int, seed: int, clip=(0.2, 0.28), tis_cap=2.0, loss_kind="grpo"):
-    """(mean loss over optimizer steps, grad norm of the last step, parameters after)."""
+                   epochs: int, minis: int, seed: int, clip=(0.2, 0.28), tis_cap=2.0, loss_kind="grpo",
+                   lora=None, repeats=1):
+    """(mean loss over the last step's optimizer steps, grad norm of the last one, parameters
+    after). `lora=(adapters, scaling)`, adapters {linear layer name: (A [r, in], B [out, r])}:
+    only A and B train, the policy's weights are W + scaling B A, the reference is the plain
+    model. `repeats` on-policy steps on the same batch share one optimizer."""
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     reference = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    if lora is None:
+        trainable, policy = list(model.parameters()), model
+
+        def weights():
+            return dict(model.named_parameters())
+    else:
+        model.requires_grad_(False)
+        leaves = {n: (a.clone().requires_grad_(), b.clone().requires_grad_()) for n, (a, b) in lora[0].items()}
+        trainable = [t for ab in leaves.values() for t in ab]
+
+        def weights():
+            w = dict(model.named_parameters())
+            for n, (a, b) in leaves.items():
+                w[f"{n}.weight"] = w[f"{n}.weight"] + lora[1] * b @ a
+            return w
+
+        def policy(input_ids):
+            return torch.func.functional_call(model, weights(), (), {"input_ids": input_ids})
+    opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WD)
 
     def row_logprobs(m, i):
         p, c = batch.prompt_ids[i], batch.completion_ids[i]
@@ -61,11 +83,13 @@ def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, tempe
 
     n = len(batch)
     on_policy = epochs == 1 and minis == 1
+    assert on_policy or repeats == 1
     with torch.no_grad():
-        frozen = {i: row_logprobs(model, i) for i in range(n) if batch.completion_ids[i]}
+        frozen = {i: row_logprobs(policy, i) for i in range(n) if batch.completion_ids[i]}
         ref = {i: row_logprobs(reference, i) for i in range(n) if batch.completion_ids[i]}
     gen = torch.Generator().manual_seed(seed)
-    orders = [list(range(n)) if on_policy else torch.randperm(n, generator=gen).tolist() for _ in range(epochs)]
+    orders = [list(range(n)) if on_policy else torch.randperm(n, generator=gen).tolist()
+              for _ in range(epochs * repeats)]
     size = n // minis
     losses, grad_norm = [], None
     for order in orders:
@@ -73,7 +97,7 @@ def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, tempe
             rows = [i for i in order[m0:m0 + size] if batch.completion_ids[i]]
             per_row = []
             for i in rows:
-                lp = row_logprobs(model, i)
+                lp = row_logprobs(policy, i)
                 old = lp.detach() if on_policy else frozen[i]
                 ratio = torch.exp(lp - old)
                 a = batch.advantages[i]
@@ -98,10 +122,11 @@ def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, tempe
                 loss = sum(x.sum() / MAX_LEN for x in per_row) / len(per_row)
             opt.zero_grad()
             loss.backward()
-            grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())).item()
+            grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainable)).item()
             opt.step()
             losses.append(loss.item())
-    return sum(losses) / len(losses), grad_norm, {k: v.detach() for k, v in model.named_parameters()}
+    last = losses[-epochs * minis:]
+    return sum(last) / len(last), grad_norm, {k: v.detach() for k, v in weights().items()}
 
 
 def learner_overrides(agg, beta, temperature, epochs, minis, budget, shared, loss="grpo", clip=(0.2, 0.28)):

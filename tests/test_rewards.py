@@ -9,13 +9,13 @@ import pytest
 
 import rlkd.answer
 from rewards import REGISTRY, RewardError, compute_rewards, load_reward
+from rewards.arithmetic import arithmetic_steps
 from rewards.format import (
     format_answer_line,
     format_answer_line_partial,
     format_think,
     format_think_partial,
 )
-from rewards.arithmetic import arithmetic_steps
 from rewards.gsm8k import gsm8k_correct
 from rlkd.answer import answers_match, extract_answer, is_correct
 

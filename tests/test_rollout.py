@@ -92,4 +92,4 @@ def test_prompt_seed_streams_never_overlap():
             assert 0 <= s < 2**63 - n
             spans.append((s, s + n))
     spans.sort()
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:], strict=False))
