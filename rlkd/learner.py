@@ -27,6 +27,8 @@ from rlkd.losses import POLICY_LOSSES, selective_log_softmax, sft_loss
 from rlkd.packing import (
     MicroBatch,
     build_micro_batch,
+    collate,
+    collate_packed,
     enable_segment_attention,
     plan_micro_batches,
     score_micro_batch,
@@ -53,72 +55,6 @@ class TrainBatch:
 
     def select(self, idx: list[int]) -> TrainBatch:
         return TrainBatch(*([field[i] for i in idx] for field in vars(self).values()))
-
-
-def _pad(rows: list[list], value, dtype) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=dtype)
-
-
-def collate(batch: TrainBatch) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion rows; `*_BT` tensors are aligned to the shifted targets,
-    so position t holds the logprob of token t+1 and mask_BT marks completion targets."""
-    seqs = [p + c for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True)]
-    input_ids_BL = _pad(seqs, 0, torch.long)
-    attn_BL = _pad([[1] * len(s) for s in seqs], 0, torch.long)
-    mask_rows, lp_rows = [], []
-    for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.rollout_logprobs, strict=True):
-        mask_rows.append([0] * (len(p) - 1) + [1] * len(c))
-        lp_rows.append([0.0] * (len(p) - 1) + list(lp))
-    return {
-        "input_ids_BL": input_ids_BL,
-        "attn_BL": attn_BL,
-        "mask_BT": _pad(mask_rows, 0, torch.float32),
-        "rollout_logprobs_BT": _pad(lp_rows, 0.0, torch.float32),
-        "advantages_B": torch.tensor(batch.advantages, dtype=torch.float32),
-    }
-
-
-def collate_packed(batch: TrainBatch, row_len: int) -> dict[str, torch.Tensor]:
-    """Sequences packed first-fit-decreasing into rows of at most `row_len` tokens.
-
-    position_ids restart at 0 for each sequence and no attention mask is passed, so transformers
-    builds a block-diagonal causal mask: a token never attends to another sequence in its row.
-    """
-    seqs = [p + c for p, c in zip(batch.prompt_ids, batch.completion_ids, strict=True)]
-    rows: list[list[int]] = []  # sequence indices per row
-    room: list[int] = []
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        if len(seqs[i]) > row_len:
-            raise ValueError(f"sequence of {len(seqs[i])} tokens does not fit a packed row of {row_len}")
-        slot = next((r for r, free in enumerate(room) if free >= len(seqs[i])), None)
-        if slot is None:
-            rows.append([])
-            room.append(row_len)
-            slot = len(rows) - 1
-        rows[slot].append(i)
-        room[slot] -= len(seqs[i])
-    ids, pos, mask = [], [], []
-    for members in rows:
-        r_ids, r_pos, r_mask = [], [], []
-        for i in members:
-            p_len, c_len = len(batch.prompt_ids[i]), len(batch.completion_ids[i])
-            r_ids += seqs[i]
-            r_pos += list(range(p_len + c_len))
-            # Targets are shifted: position t predicts t+1, and a sequence's last token would
-            # predict the next sequence's first, so it is masked.
-            r_mask += [0] * (p_len - 1) + [1] * c_len + [0]
-        ids.append(r_ids)
-        pos.append(r_pos)
-        mask.append(r_mask[:-1])
-    width = max(len(r) for r in ids)
-    # Padding gets its own position run (0, 1, ...) so it forms a block of its own.
-    pos = [r + list(range(width - len(r))) for r in pos]
-    return {
-        "input_ids_BL": _pad(ids, 0, torch.long),
-        "position_ids_BL": torch.tensor(pos, dtype=torch.long),
-        "mask_BT": _pad(mask, 0, torch.float32)[:, : width - 1],
-    }
 
 
 def deepspeed_config(cfg: Config, micro_batches_per_step: int, bf16: bool) -> dict:

@@ -33,9 +33,10 @@ from transformers import AutoModelForCausalLM
 from rlkd.compose import load_config
 from rlkd.distill_learner import DistillBatch, DistillLearner
 from rlkd.distill_losses import minillm_loss, minillm_token_rewards, whiten
-from rlkd.learner import TrainBatch, collate
+from rlkd.learner import TrainBatch
 from rlkd.losses import selective_log_softmax
 from rlkd.models import resolve_model
+from rlkd.packing import collate
 from rlkd.prune import prune
 from rlkd.teacher import shared_vocab_size
 

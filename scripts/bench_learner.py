@@ -44,9 +44,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import compute_rewards, load_reward
 from rlkd.compose import load_config
-from rlkd.learner import Learner, TrainBatch, collate
+from rlkd.learner import Learner, TrainBatch
 from rlkd.losses import group_advantages, grpo_loss, selective_log_softmax
 from rlkd.models import resolve_model
+from rlkd.packing import collate
 from rlkd.preflight import reward_name
 
 PLAIN_MICRO_BATCH = 8

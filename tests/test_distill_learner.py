@@ -25,8 +25,9 @@ from rlkd.data import Example
 from rlkd.distill import reference_ids, reverse_kl_estimate
 from rlkd.distill_learner import DistillBatch, DistillLearner
 from rlkd.distill_losses import generalized_jsd_loss
-from rlkd.learner import TrainBatch, collate
+from rlkd.learner import TrainBatch
 from rlkd.losses import selective_log_softmax
+from rlkd.packing import collate
 from rlkd.prune import parse_layers, prune
 from rlkd.teacher import VocabMismatchError, shared_vocab_size
 

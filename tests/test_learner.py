@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rlkd.compose import load_config
 from rlkd.hardware import rollout_dtype
-from rlkd.learner import DTYPES, Learner, TrainBatch, collate
+from rlkd.learner import DTYPES, Learner, TrainBatch
+from rlkd.packing import collate
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlkd.compose import load_config
 from rlkd.config import ConfigError
-from rlkd.learner import Learner, TrainBatch, collate, collate_packed
+from rlkd.learner import Learner, TrainBatch
 from rlkd.losses import selective_log_softmax, sft_loss
+from rlkd.packing import collate, collate_packed
 from rlkd.sft import batches, read_dataset, sft_examples, tokenize
 from tests.conftest import GSM8K_DIR
 from tests.test_learner import tiny_model  # noqa: F401  (module fixture)
