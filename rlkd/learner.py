@@ -429,10 +429,10 @@ class Learner:
                 learner = {"version": self.version, "torch_rng": torch.get_rng_state(),
                            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
                 torch.save({**trainer_state, "learner": learner}, tmp / TRAINER_STATE)
-        # Under ZeRO-3 the gathers are collective: every rank exports, rank 0 writes.
-        exports = self.zero3 or self.rank == 0
-        weights = self._named_weights() if exports and (self.zero3 or self.lora) else None
-        adapter = self._adapter_state() if exports and self.lora else None
+        weights = adapter = None
+        if self.zero3 or self.rank == 0:  # ZeRO-3's gathers are collective: every rank joins
+            weights = self._named_weights() if self.zero3 or self.lora else None
+            adapter = self._adapter_state() if self.lora else None
         if self.rank != 0:
             return None
         if self.lora:  # a plain HF checkpoint of the merged weights, and the adapter alone

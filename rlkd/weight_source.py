@@ -77,9 +77,11 @@ def export_units(module: torch.nn.Module) -> list[Unit]:
     return units
 
 
-def exported(module: torch.nn.Module, zero3: bool) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-    """(names, full tensors) unit by unit; the tensors are copies that outlive the gather."""
-    for unit in export_units(module):
+def exported(module: torch.nn.Module, zero3: bool,
+             units: list[Unit] | None = None) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+    """(names, full tensors) unit by unit (`units`: `export_units(module)`, when the caller
+    already holds them); the tensors are copies that outlive the gather."""
+    for unit in export_units(module) if units is None else units:
         with deepspeed.zero.GatheredParameters(unit.params) if zero3 else nullcontext():
             yield unit.names, unit.merge([p.detach() for p in unit.params])
 
@@ -96,7 +98,7 @@ class ExportSource(WeightSource):
                 for n, d, s in zip(u.names, u.dtypes, u.shapes, strict=True)]
 
     def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-        return exported(self._module, self._zero3)
+        return exported(self._module, self._zero3, self._units)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for names, tensors in self.iter_groups():
