@@ -1,6 +1,7 @@
 """Learner throughput: rlkd's GRPO `Learner.train_step` vs today's plain padded PyTorch loop.
 
-    python scripts/bench_learner.py [--max-new-tokens 128 256] [--steps 2] [--quick] [key=value ...]
+    python scripts/bench_learner.py [--max-new-tokens 128 256] [--dtypes float32 auto] [--steps 2]
+                                    [--profile] [--quick] [key=value ...]
 
 Realistic batches: `--prompts` GSM8K train questions x `--group` completions sampled from the
 embedded model by vLLM (temperature 1, fp32, `--max-new-tokens` each), scored by the recipe's
@@ -20,6 +21,10 @@ Steps alternate (rlkd, plain, ...) so a change in machine load hits both sides a
 --warmup steps are not timed. Tokens/s counts every prompt and completion token of the batch
 (the same work on both sides). After the fp32 steps the largest |parameter difference| between
 the two sides is printed: the speed-up must keep the update.
+
+--profile runs one more rlkd step of each fp32 `all signal` and `no signal` case under
+torch.profiler and writes its top operators by self CPU time to
+bench_results/bench_learner_profile_<tokens>_<signal>.txt (where a missed goal's time goes).
 """
 
 from __future__ import annotations
@@ -127,6 +132,22 @@ class PlainLoop:
         self.opt.zero_grad(set_to_none=True)
 
 
+def profile_step(learner: Learner, batch: TrainBatch, path, rows: int = 30) -> list[dict]:
+    """One learner step under torch.profiler: its top operators by self time, also written to path."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        learner.train_step(batch)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / total,
+            "calls": e.count} for e in events[:rows]]
+    lines = [f"{'op':<60} {'self s':>8} {'share':>7} {'calls':>7}"]
+    lines += [f"{t['op'][:60]:<60} {t['self_s']:>8.3f} {t['share']:>7.1%} {t['calls']:>7}" for t in top]
+    lines.append(f"{'total':<60} {total / 1e6:>8.3f}")
+    path.write_text("\n".join(lines) + "\n")
+    print(f"[bench_learner] profile -> {path}\n" + "\n".join(lines[:16]), flush=True)
+    return top
+
+
 def timed(fn, batch, gpu: bool, metrics: dict | None = None) -> float:
     """Seconds of fn(batch); its returned metrics go into `metrics` when given."""
     if gpu:
@@ -147,6 +168,9 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, nargs="+", default=[128, 256])
     p.add_argument("--steps", type=int, default=2, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "auto"], default=["float32", "auto"],
+                   help="rlkd learner.dtype values to measure")
+    p.add_argument("--profile", action="store_true", help="profile the fp32 all/no-signal rlkd steps")
     p.add_argument("overrides", nargs="*", help="rlkd config overrides for the rlkd side, key=value")
     args = p.parse_args()
     if args.quick:
@@ -161,7 +185,7 @@ def main() -> None:
         model_path = str(resolve_model(cfg.model.name))
         data = sample_batch(cfg, model_path, args.data, args.prompts, args.group, max_new)
         tokens = sum(len(a) + len(b) for a, b in zip(data["prompt_ids"], data["completion_ids"], strict=True))
-        for dtype in ("float32", "auto"):
+        for dtype in args.dtypes:
             cfg = load_config("grpo_gsm8k", [*base, f"learner.dtype={dtype}"])
             for signal in ("as scored", "all signal", "no signal"):
                 batch = train_batch(data, args.group, signal)
@@ -177,6 +201,10 @@ def main() -> None:
                         secs["plain"].append(t_plain)
                 diff = max((a - b).abs().max().item() for a, b in zip(
                     learner.engine.module.parameters(), plain.model.parameters(), strict=True))
+                profile = None
+                if args.profile and learner.compute_dtype == "float32" and signal != "as scored":
+                    out = RESULTS_DIR / f"bench_learner_profile_{max_new}_{signal.replace(' ', '_')}.txt"
+                    profile = profile_step(learner, batch, out)
                 learner.close()
                 mean = {k: sum(v) / len(v) for k, v in secs.items()}
                 ratio = mean["plain"] / mean["rlkd"]
@@ -186,7 +214,7 @@ def main() -> None:
                 results[f"{max_new}/{precision}/{signal}"] = {
                     "seconds": secs, "ratio": ratio, "max_param_diff": diff, "tokens": tokens,
                     "skipped_rows_frac": metrics["train/skipped_rows_frac"],
-                    "micro_batches": metrics["train/micro_batches"]}
+                    "micro_batches": metrics["train/micro_batches"], "profile": profile}
                 if precision == "float32":
                     targets.append(target(f"learner tokens/s rlkd/plain, fp32, {max_new} tokens, {signal}",
                                           ratio, ">= 2.0 with params within 1e-5", ratio >= 2.0 and diff < 1e-5))
