@@ -57,11 +57,11 @@ from pathlib import Path
 
 import torch
 from bench_common import REPO_ROOT, gsm8k_prompts, on_gpu, parser, print_table, target, write_result
+from bench_rewards import digit_share
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from bench_rewards import digit_share
 from rewards import format_answer_line, gsm8k_correct
 from rlkd.models import resolve_model
 
