@@ -57,19 +57,18 @@ from pathlib import Path
 
 import torch
 from bench_common import REPO_ROOT, gsm8k_prompts, on_gpu, parser, print_table, target, write_result
-from bench_rewards import digit_share
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from rewards import format_answer_line, gsm8k_correct
+from rewards import load_reward
 from rlkd.models import resolve_model
 
 MICRO_BATCH = 8
-# workload -> (rlkd rewards.funcs, the same functions for TRL, weights, speed-up goal)
+# workload -> (rewards.funcs specs, which TRL gets through rlkd's own loader; weights; speed-up goal)
 WORKLOADS = {
-    "real": (["gsm8k_correct", "format_answer_line"], [gsm8k_correct, format_answer_line], [1.0, 0.2], 5.0),
-    "signal": ([f"{REPO_ROOT / 'scripts' / 'bench_rewards.py'}:digit_share"], [digit_share], [1.0], 2.5),
+    "real": (["gsm8k_correct", "format_answer_line"], [1.0, 0.2], 5.0),
+    "signal": ([f"{REPO_ROOT / 'scripts' / 'bench_rewards.py'}:digit_share"], [1.0], 2.5),
 }
 
 
@@ -91,7 +90,7 @@ def mean(xs: list[float]) -> float:
 
 def run_rlkd(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict:
     run_dir = work / f"rlkd-run-{workload}"
-    funcs, _, weights, _ = WORKLOADS[workload]
+    funcs, weights, _ = WORKLOADS[workload]
     overrides = [
         "recipe=grpo_gsm8k", f"data.path={data_dir}", f"run.dir={run_dir}",
         f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.save_every=0",
@@ -165,7 +164,7 @@ def run_trl(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
     prompts, answers = gsm8k_prompts(tokenizer, data_dir, args.prompts_per_step * args.steps)
     batch = args.prompts_per_step * args.group_size
-    _, funcs, weights, _ = WORKLOADS[workload]
+    specs, weights, _ = WORKLOADS[workload]
     bf16 = args.dtype == "bfloat16"
     config = GRPOConfig(
         output_dir=str(work / f"trl-out-{workload}"), max_steps=args.steps, seed=0,
@@ -182,7 +181,7 @@ def run_trl(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if gpu else torch.float32)
     clock = StepClock()
     trainer = TimedGRPOTrainer(
-        model=model, reward_funcs=funcs, args=config,
+        model=model, reward_funcs=[load_reward(spec) for spec in specs], args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts, "answer": answers}),
         processing_class=tokenizer, callbacks=[clock])
     trainer.generate_s, trainer.tokens_per_row, trainer.zero_std = [], [], []
@@ -254,7 +253,7 @@ def main() -> None:
             continue
         r, t = sides["rlkd"], sides["trl"]
         speedup = t["step_s"] / r["step_s"]
-        goal = WORKLOADS[w][3]
+        goal = WORKLOADS[w][2]
         ratios[f"trl_s/rlkd_s ({w})"] = speedup
         gap = (f"rlkd {r['step_s']:.1f} s/step vs TRL {t['step_s']:.1f}: rlkd spends "
                f"{r['phases_s']['generate']:.1f} s generating and {r['phases_s']['train']:.1f} s training, "
