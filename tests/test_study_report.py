@@ -8,6 +8,7 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.text import Text
 
+from rlkd import arithmetic_claims as ac
 from rlkd import study_report as sr
 from rlkd.stats import mcnemar_exact, wilson_interval
 
@@ -15,7 +16,7 @@ from rlkd.stats import mcnemar_exact, wilson_interval
 
 
 def verdicts(text: str) -> list[tuple[str, str, bool]]:
-    return [(c.lhs, c.rhs, c.correct) for c in sr.arithmetic_claims(text)]
+    return [(c.lhs, c.rhs, c.correct) for c in ac.arithmetic_claims(text)]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -63,7 +64,7 @@ def test_model_rationale_error_rate():
         "The robe takes 2 bolts of blue fiber and 2 / 2 = 1 bolt of white.\nIn total 2 + 1 = 4 bolts.\n#### 4",
         "He has no arithmetic here.\n#### 7",
     ]
-    assert sr.arithmetic_errors(rationales) == (1, 4)
+    assert ac.arithmetic_errors(rationales) == (1, 4)
 
 
 def test_hostile_text_is_checked_quickly():
