@@ -12,9 +12,10 @@ process with its environment set before vLLM is imported, on two batches rlkd ac
         per-token logprobs (what `RolloutActor.generate` asks for);
   eval: a greedy evaluation batch, 32 prompts, at most 384 tokens.
 
-tokens/s is completion tokens over wall time after one untimed warm-up call. The first
-variant (the first dtype, `auto` binding, no preload: what rlkd runs) is the baseline every
-ratio is against. bfloat16 is only measured where the CPU has avx512_bf16 or amx_bf16
+tokens/s is completion tokens over wall time after one untimed warm-up call. The engine
+is built as `scripts/bench_rollout.py` builds it (rlkd's RolloutWorker settings). The first
+variant (the first dtype with vLLM's default `auto` binding, which rlkd leaves as it is, and no
+preload) is the baseline every ratio is against. bfloat16 is only measured where the CPU has avx512_bf16 or amx_bf16
 (`rlkd/hardware.py`); elsewhere vLLM would emulate it.
 """
 
@@ -41,38 +42,40 @@ def preload_libs() -> list[str]:
     """libtcmalloc and libiomp5 where this machine has them (the venv ships libiomp5 with torch)."""
     venv_lib = Path(sys.prefix) / "lib"
     libs = []
-    for name in ("tcmalloc_minimal", "tcmalloc", "iomp5"):
-        local = venv_lib / f"lib{name}.so"
-        found = str(local) if local.exists() else ctypes.util.find_library(name)
-        if found and not any(name.split("_")[0] in lib for lib in libs):
-            libs.append(found)
+    for names in (("tcmalloc_minimal", "tcmalloc"), ("iomp5",)):
+        for name in names:
+            local = venv_lib / f"lib{name}.so"
+            found = str(local) if local.exists() else ctypes.util.find_library(name)
+            if found:
+                libs.append(found)
+                break
     return libs
 
 
 def child(variant: dict, data: Path, quick: bool) -> dict:
     """Runs in a fresh process: one engine, the two batches, tokens/s of each."""
+    # Imported here, after the parent set this process's environment: vLLM reads it at start-up.
     import vllm
+    from bench_rollout import engine_kwargs
     from transformers import AutoTokenizer
 
     from rlkd.compose import load_config
     from rlkd.models import resolve_model
 
-    cfg = load_config("grpo_gsm8k", [])
+    cfg = load_config("grpo_gsm8k", [f"rollout.dtype={variant['dtype']}"])
     model_path = str(resolve_model(cfg.model.name))
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)  # as RolloutWorker sets it
     start = time.perf_counter()
-    llm = vllm.LLM(model_path, dtype=variant["dtype"], max_model_len=cfg.model.max_model_len,
-                   enforce_eager=True, seed=cfg.run.seed, enable_chunked_prefill=False,
-                   max_num_batched_tokens=max(cfg.model.max_model_len, 8192))
+    llm = vllm.LLM(model_path, **engine_kwargs(cfg, gpu=False))
     startup_s = time.perf_counter() - start
     prompts, _ = gsm8k_prompts(AutoTokenizer.from_pretrained(model_path), data, EVAL["prompts"])
     out = {"startup_s": startup_s}
     try:
+        llm.generate(prompts[:2], vllm.SamplingParams(max_tokens=8, seed=0), use_tqdm=False)
         for name, batch in (("step", STEP), ("eval", EVAL)):
             batch = dict(batch, max_tokens=16) if quick else batch
             params = vllm.SamplingParams(n=batch["n"], max_tokens=batch["max_tokens"], top_p=1.0,
                                          temperature=batch["temperature"], seed=0, logprobs=batch["logprobs"])
-            llm.generate(prompts[:2], vllm.SamplingParams(max_tokens=8, seed=0), use_tqdm=False)
             start = time.perf_counter()
             outputs = llm.generate(prompts[:batch["prompts"]], params, use_tqdm=False)
             seconds = time.perf_counter() - start
