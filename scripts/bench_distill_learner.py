@@ -121,7 +121,7 @@ def main() -> None:
         # element with a near-zero gradient may move either way, so |dparam| is read against lr.
         base = [f"grpo.group_size={args.group}", f"grpo.prompts_per_step={args.prompts}",
                 f"rollout.max_new_tokens={max_new}", "learner.lr=1e-6", *args.overrides]
-        cfg = load_config("grpo_gsm8k", [*base, "learner.dtype=float32"])
+        cfg = load_config(None, [*base, "learner.dtype=float32"])
         data = sample_batch(cfg, teacher, args.data, args.prompts, args.group, max_new)
         batch = DistillBatch(data["prompt_ids"], data["completion_ids"], [], [0.0] * len(data["completion_ids"]),
                              student_logprobs=data["logprobs"])

@@ -13,7 +13,7 @@ read; each shuffles it its own way), rendered by `rlkd.data.build_prompt`, with 
 rewards and:
 
   workload  rewards (weights)                                    what it measures
-  real      rewards.gsm8k_correct 1.0, format_answer_line 0.2   the README's job: most groups
+  real      rewards.gsm8k_correct 1.0, format_answer_line 0.2   rlkd's defaults: most groups
                                                                  of this model carry no signal
   signal    scripts/bench_rewards.py:digit_share 1.0             every group has reward variance
 
@@ -32,7 +32,7 @@ rewards and:
   rollout.temperature / top_p    temperature / top_p (top_k=0)        1.0 / 1.0
   learner.max_grad_norm          max_grad_norm                        1.0
 
-rlkd runs `python -m rlkd.train` (its own Ray instance, a vLLM rollout actor, a DeepSpeed
+rlkd runs `python -m rlkd.train` at its defaults with the keys above (its own Ray instance, a vLLM rollout actor, a DeepSpeed
 learner; no eval, no periodic checkpoints) and reads `time/step` from metrics.jsonl. TRL runs
 in this process with HF `generate` on CPU and its colocated vLLM on GPU; a TrainerCallback takes
 the wall time between optimizer steps, and the time in `_generate_and_score_completions`
@@ -92,7 +92,7 @@ def run_rlkd(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict
     run_dir = work / f"rlkd-run-{workload}"
     funcs, weights, _ = WORKLOADS[workload]
     overrides = [
-        "recipe=grpo_gsm8k", f"data.path={data_dir}", f"run.dir={run_dir}",
+        f"data.path={data_dir}", f"run.dir={run_dir}",
         f"trainer.max_steps={args.steps}", "trainer.eval_every=0", "trainer.save_every=0",
         f"grpo.group_size={args.group_size}", f"grpo.prompts_per_step={args.prompts_per_step}",
         f"rollout.max_new_tokens={args.max_tokens}", f"learner.lr={args.lr}",

@@ -4,7 +4,7 @@
                                     [--profile] [--quick] [key=value ...]
 
 Realistic batches: `--prompts` GSM8K train questions x `--group` completions sampled from the
-embedded model by vLLM (temperature 1, fp32, `--max-new-tokens` each), scored by the recipe's
+embedded model by vLLM (temperature 1, fp32, `--max-new-tokens` each), scored by the default
 rewards and turned into group advantages, as a GRPO step would. Each batch is trained twice:
   * `as scored`: the advantages the rewards give (groups without reward variance carry none);
   * `all signal`: the same rows with random advantages, so every row is scored by both sides;
@@ -181,12 +181,12 @@ def main() -> None:
     for max_new in args.max_new_tokens:
         base = [f"grpo.group_size={args.group}", f"grpo.prompts_per_step={args.prompts}",
                 f"rollout.max_new_tokens={max_new}", *args.overrides]
-        cfg = load_config("grpo_gsm8k", [*base, "learner.dtype=float32"])
+        cfg = load_config(None, [*base, "learner.dtype=float32"])
         model_path = str(resolve_model(cfg.model.name))
         data = sample_batch(cfg, model_path, args.data, args.prompts, args.group, max_new)
         tokens = sum(len(a) + len(b) for a, b in zip(data["prompt_ids"], data["completion_ids"], strict=True))
         for dtype in args.dtypes:
-            cfg = load_config("grpo_gsm8k", [*base, f"learner.dtype={dtype}"])
+            cfg = load_config(None, [*base, f"learner.dtype={dtype}"])
             for signal in ("as scored", "all signal", "no signal"):
                 batch = train_batch(data, args.group, signal)
                 learner = Learner(cfg, model_path, master_port=free_port())

@@ -28,7 +28,7 @@ from rlkd.models import resolve_model
 
 def run_variant(overrides: list[str], data: dict, group: int, warmup: int, steps: int, queue) -> None:
     """In a child process: build the learner, time its steps, report its peak memory."""
-    cfg = load_config("grpo_gsm8k", overrides)
+    cfg = load_config(None, overrides)
     gpu = on_gpu()
     learner = Learner(cfg, str(resolve_model(cfg.model.name)), master_port=free_port())
     batch = train_batch(data, group, "all signal")
@@ -65,7 +65,7 @@ def main() -> None:
         args.prompts, args.group, args.max_new_tokens, args.steps, args.warmup = 1, 4, 16, 1, 0
     base = [f"grpo.group_size={args.group}", f"grpo.prompts_per_step={args.prompts}",
             f"rollout.max_new_tokens={args.max_new_tokens}", *args.overrides]
-    cfg = load_config("grpo_gsm8k", base)
+    cfg = load_config(None, base)
     data = sample_batch(cfg, str(resolve_model(cfg.model.name)), args.data, args.prompts, args.group,
                         args.max_new_tokens)
     tokens = sum(len(a) + len(b) for a, b in zip(data["prompt_ids"], data["completion_ids"], strict=True))

@@ -137,7 +137,7 @@ def main() -> None:
         args.prompts, args.n, args.max_tokens, args.repeats = 2, 2, 16, 1
     gpu = on_gpu()
     extra = ["rollout.dtype=bfloat16", "rollout.gpus_per_actor=1"] if gpu else []
-    cfg = load_config("grpo_gsm8k", extra)
+    cfg = load_config(None, extra)
     model_path = str(resolve_model(cfg.model.name))
     prompts, _ = gsm8k_prompts(AutoTokenizer.from_pretrained(model_path), args.data, args.prompts)
 

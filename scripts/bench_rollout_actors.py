@@ -26,7 +26,7 @@ from rlkd.rollout import SamplingSpec, generate_sharded
 
 def bench(overrides: list[str], num_actors: int, prompts: list[str], spec: SamplingSpec) -> tuple[float, int, float]:
     """(tokens/s, tokens, seconds) of one timed sharded batch on `num_actors` engines."""
-    cfg = load_config("grpo_gsm8k", [*overrides, f"rollout.num_actors={num_actors}"])
+    cfg = load_config(None, [*overrides, f"rollout.num_actors={num_actors}"])
     placement = reserve(plan(cfg), cfg.ray.placement_timeout_s)
     rollouts = start_rollouts(cfg, str(resolve_model(cfg.model.name)), placement)
     try:
@@ -51,12 +51,12 @@ def main() -> None:
     args = parser.parse_args()
     overrides = [f"data.path={args.data}", "rollout.kv_cache_gb=1", "model.max_model_len=512",
                  *args.overrides]
-    cfg = load_config("grpo_gsm8k", overrides)
+    cfg = load_config(None, overrides)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model.name))
     examples = load_split(cfg.data, "test", limit=args.prompts)
     prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
     # A local Ray instance advertises what the largest setting reserves.
-    init_ray(load_config("grpo_gsm8k", [*overrides, f"rollout.num_actors={max(args.actors)}"]))
+    init_ray(load_config(None, [*overrides, f"rollout.num_actors={max(args.actors)}"]))
     spec = SamplingSpec(n=args.n, max_tokens=args.max_tokens, temperature=1.0, seed=0)
     print(f"{len(prompts)} prompts x {args.n} samples, <= {args.max_tokens} tokens each")
     print(f"{'actors':>6}{'tokens':>8}{'seconds':>9}{'tok/s':>8}{'speed-up':>10}")

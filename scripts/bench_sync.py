@@ -117,7 +117,7 @@ def main() -> None:
     gpu = on_gpu()
     extra = ["rollout.dtype=bfloat16", "learner.dtype=bfloat16", "learner.gpus=0.5",
              "rollout.gpus_per_actor=0.5"] if gpu else []
-    cfg = load_config("grpo_gsm8k", extra)
+    cfg = load_config(None, extra)
     transports = ["nccl"] if gpu else ["shm", "bytes"]
     base = str(resolve_model(cfg.model.name))
     work = Path(tempfile.mkdtemp(prefix="rlkd-bench-sync-"))

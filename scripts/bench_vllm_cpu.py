@@ -62,7 +62,7 @@ def child(variant: dict, data: Path, quick: bool) -> dict:
     from rlkd.compose import load_config
     from rlkd.models import resolve_model
 
-    cfg = load_config("grpo_gsm8k", [f"rollout.dtype={variant['dtype']}"])
+    cfg = load_config(None, [f"rollout.dtype={variant['dtype']}"])
     model_path = str(resolve_model(cfg.model.name))
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)  # as RolloutWorker sets it
     start = time.perf_counter()

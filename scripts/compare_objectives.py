@@ -38,7 +38,7 @@ OBJECTIVES = {
     "cispo": ["grpo.loss=cispo", "grpo.clip_low=1.0"],
     "rloo": ["grpo.adv_estimator=rloo"],
 }
-SHARED = ["recipe=grpo_gsm8k", f"data.path={ARITH}", "trainer.eval_every=0", "trainer.save_every=0",
+SHARED = [f"data.path={ARITH}", "trainer.eval_every=0", "trainer.save_every=0",
           "trainer.save_state=false", "rollout.max_new_tokens=128", "rollout.temperature=0.7",
           "rollout.kv_cache_gb=1", "grpo.prompts_per_step=4", "grpo.dynamic_sampling=true",
           "grpo.overlong=mask", "rewards.funcs=[gsm8k_correct]", "rewards.weights=[1.0]",

@@ -40,11 +40,13 @@ def _correct(eval_dir) -> dict[str, bool]:
 def run(tmp_path_factory):
     """One run: greedy eval of the untrained policy (step 0), 16 GRPO steps, greedy eval again."""
     run_dir = tmp_path_factory.mktemp("learning")
-    args = [f"data.path={ARITH}", "recipe=grpo_gsm8k", "data.eval_split=test", f"run.dir={run_dir}",
+    args = [f"data.path={ARITH}", "recipe=grpo_gsm8k", "data.held_out=0", "data.eval_split=test",
+            f"run.dir={run_dir}",
             f"trainer.max_steps={STEPS}", f"trainer.eval_every={STEPS}", f"trainer.eval_samples={N_TEST}",
             "eval.max_new_tokens=128", "trainer.save_every=0", "trainer.save_state=false",
             "rollout.max_new_tokens=128", "rollout.temperature=0.7", "rollout.kv_cache_gb=1",
-            "grpo.prompts_per_step=4", "grpo.dynamic_sampling=true", "grpo.overlong=mask",
+            "grpo.prompts_per_step=4", "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=4",
+            "grpo.overlong=mask",
             "rewards.funcs=[gsm8k_correct]", "rewards.weights=[1.0]", "learner.lr=1e-5"]
     proc = subprocess.run([sys.executable, "-m", "rlkd.train", *args], cwd=REPO_ROOT, capture_output=True,
                           text=True, timeout=2400)

@@ -38,7 +38,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def trained(cluster, tmp_path_factory):
     """Actors started on the cluster through `ray.address`, then one GRPO step."""
-    cfg = load_config("grpo_gsm8k", [
+    cfg = load_config(None, [
         f"ray.address={cluster.address}", f"data.path={GSM8K_DIR}",
         "rollout.num_actors=2", "rollout.placement=spread", "rollout.kv_cache_gb=1",
         "model.max_model_len=512", "rollout.max_new_tokens=32", "grpo.group_size=4",

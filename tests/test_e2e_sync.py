@@ -91,7 +91,7 @@ def test_lora_step_syncs_the_merged_weights(engines, tmp_path):
     # base model (adapters dropped) or the unscaled sum.
     worker, base = engines
     path = str(resolve_model("smollm2-135m-instruct"))
-    cfg = load_config("grpo_gsm8k", ["learner.lora.rank=8", "learner.lr=1e-3", "learner.dtype=float32",
+    cfg = load_config(None, ["learner.lora.rank=8", "learner.lr=1e-3", "learner.dtype=float32",
                                      "rollout.dtype=float32", "grpo.group_size=4", "grpo.prompts_per_step=1"])
     learner = Learner(cfg, path, master_port=29761)
     gen = worker.generate([PROMPT], SamplingSpec(n=4, max_tokens=16, temperature=1.0, seed=1))

@@ -38,7 +38,7 @@ def _batch(n=8, seed=0) -> TrainBatch:
 
 
 def _learner(path, *overrides) -> Learner:
-    cfg = load_config("grpo_gsm8k", ["grpo.group_size=4", "grpo.prompts_per_step=2",
+    cfg = load_config(None, ["grpo.group_size=4", "grpo.prompts_per_step=2",
                                      "learner.lr=1e-3", "rollout.max_new_tokens=16", *overrides])
     return Learner(cfg, path, master_port=29731)
 

@@ -33,7 +33,7 @@ def local_ray():
 
 def _step(path, num_workers: int, batch, overrides=None):
     """One train_step on `num_workers` learner actors; (rank 0 metrics, params of every rank)."""
-    cfg = load_config("grpo_gsm8k", [*(overrides or [
+    cfg = load_config(None, [*(overrides or [
         "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.mini_batches=2", "grpo.ppo_epochs=2",
         "learner.lr=1e-3", "learner.max_tokens_per_micro_batch=12", "rollout.max_new_tokens=16",
         "learner.dtype=float32"]),
@@ -87,7 +87,7 @@ def test_zero3_nccl_source_hands_over_full_gathered_weights(local_ray, tiny_mode
     ds = json.loads((REPO_ROOT / "deepspeed_configs/zero3.json").read_text())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
-    cfg = load_config("grpo_gsm8k", [
+    cfg = load_config(None, [
         "grpo.group_size=4", "grpo.prompts_per_step=2", "learner.lr=1e-3", "rollout.max_new_tokens=16",
         "learner.dtype=float32", "rollout.dtype=float32", f"learner.deepspeed_config={tmp_path / 'zero3.json'}",
         "learner.num_workers=2", "rollout.colocate=false",

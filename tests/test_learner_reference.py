@@ -169,7 +169,7 @@ def test_learner_step_equals_from_scratch_reference(tiny_model, case):  # noqa: 
     rewards, scale, agg, beta, temperature, epochs, minis, budget, shared, *objective = CASES[case]
     loss_kind, clip = objective or ("grpo", (0.2, 0.28))
     batch = make_batch(rewards, scale)
-    cfg = load_config("grpo_gsm8k", learner_overrides(agg, beta, temperature, epochs, minis, budget, shared,
+    cfg = load_config(None, learner_overrides(agg, beta, temperature, epochs, minis, budget, shared,
                                                       loss_kind, clip))
     learner = Learner(cfg, tiny_model, master_port=29741)
     before = {k: v.detach().clone() for k, v in learner.engine.module.named_parameters()}

@@ -51,7 +51,7 @@ def test_lora_steps_equal_from_scratch_reference(tiny_model, beta):  # noqa: F81
     # Two on-policy steps: PEFT starts B at 0, so only the second step gives A a gradient.
     batch = make_batch(VARIED, "group")
     overrides = learner_overrides("token_mean", beta, 0.7, 1, 1, 24, True)
-    learner = Learner(load_config("grpo_gsm8k", overrides + LORA), tiny_model, master_port=29751)
+    learner = Learner(load_config(None, overrides + LORA), tiny_model, master_port=29751)
     start = _adapters(learner)
     assert {n for n in start} == {f"model.layers.{i}.{'mlp' if t == 'down_proj' else 'self_attn'}.{t}"
                                   for i in range(2) for t in TARGETS}
@@ -77,7 +77,7 @@ def test_lora_steps_equal_from_scratch_reference(tiny_model, beta):  # noqa: F81
 
 
 def test_exported_weights_are_the_learners_forward(tiny_model):  # noqa: F811
-    learner = Learner(load_config("grpo_gsm8k", ["learner.lr=1e-2", *LORA]), tiny_model, master_port=29752)
+    learner = Learner(load_config(None, ["learner.lr=1e-2", *LORA]), tiny_model, master_port=29752)
     for seed in range(2):
         learner.train_step(_batch(seed=seed))
     plain = LlamaForCausalLM.from_pretrained(tiny_model)
@@ -94,7 +94,7 @@ def test_exported_weights_are_the_learners_forward(tiny_model):  # noqa: F811
 
 def test_checkpoint_holds_merged_model_and_peft_adapter_and_resumes_exactly(tiny_model, tmp_path):  # noqa: F811
     args = ["learner.lr=1e-2", "learner.warmup_steps=3", *LORA]
-    straight = Learner(load_config("grpo_gsm8k", args), tiny_model, master_port=29753)
+    straight = Learner(load_config(None, args), tiny_model, master_port=29753)
     for seed in range(2):
         straight.train_step(_batch(seed=seed))
     ckpt = straight.save_checkpoint(str(tmp_path / "checkpoint-2"), {"step": 2})
@@ -107,7 +107,7 @@ def test_checkpoint_holds_merged_model_and_peft_adapter_and_resumes_exactly(tiny
     torch.testing.assert_close(_logits(adapter, ids), ours, atol=1e-5, rtol=1e-5)
 
     losses = [straight.train_step(_batch(seed=seed))["train/loss"] for seed in (2, 3)]
-    resumed = Learner(load_config("grpo_gsm8k", args), tiny_model, master_port=29753)
+    resumed = Learner(load_config(None, args), tiny_model, master_port=29753)
     assert resumed.load_checkpoint(ckpt) == {"step": 2}
     assert [resumed.train_step(_batch(seed=seed))["train/loss"] for seed in (2, 3)] == losses
     a, b = (dict(x.engine.module.named_parameters()) for x in (straight, resumed))
@@ -118,18 +118,18 @@ def test_checkpoint_holds_merged_model_and_peft_adapter_and_resumes_exactly(tiny
 
 def test_lora_settings_fail_in_one_line_before_start_up(tiny_model):  # noqa: F811
     with pytest.raises(ConfigError, match=r"learner.lora.rank=-1 must be >= 0"):
-        load_config("grpo_gsm8k", ["learner.lora.rank=-1"])
+        load_config(None, ["learner.lora.rank=-1"])
     with pytest.raises(ConfigError, match=r"learner.lora.dropout=1.0 must be in \[0, 1\)"):
-        load_config("grpo_gsm8k", ["learner.lora.rank=4", "learner.lora.dropout=1.0"])
+        load_config(None, ["learner.lora.rank=4", "learner.lora.dropout=1.0"])
     with pytest.raises(ConfigError, match=r"learner.lora.target_modules=\[\] must be non-empty"):
-        load_config("grpo_gsm8k", ["learner.lora.rank=4", "learner.lora.target_modules=[]"])
-    cfg = load_config("grpo_gsm8k", ["learner.lora.rank=4", "learner.lora.target_modules=[q_proj,qkv]"])
+        load_config(None, ["learner.lora.rank=4", "learner.lora.target_modules=[]"])
+    cfg = load_config(None, ["learner.lora.rank=4", "learner.lora.target_modules=[q_proj,qkv]"])
     with pytest.raises(ConfigError, match=r"\['qkv'\] match no linear layer of .*'q_proj'"):
         check_lora(tiny_model, cfg.learner.lora)
-    cfg = load_config("grpo_gsm8k", ["learner.lora.rank=4", "learner.lora.target_modules=[lm_head]"])
+    cfg = load_config(None, ["learner.lora.rank=4", "learner.lora.target_modules=[lm_head]"])
     with pytest.raises(ConfigError, match="lm_head is tied"):
         check_lora(tiny_model, cfg.learner.lora)
-    check_lora(tiny_model, load_config("grpo_gsm8k", LORA).learner.lora)
+    check_lora(tiny_model, load_config(None, LORA).learner.lora)
 
 
 def _frozen(learner) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from rlkd.rollout import RolloutWorker, nccl_rank_offset, nccl_world_size
 
 
 def _cfg(*overrides):
-    return load_config("grpo_gsm8k", list(overrides))
+    return load_config(None, list(overrides))
 
 
 def test_default_colocates_one_learner_and_one_engine_in_one_bundle():

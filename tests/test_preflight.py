@@ -62,7 +62,7 @@ def _case(name, tmp_path):
 @pytest.mark.parametrize("case", CASES)
 def test_load_inputs_errors_name_the_culprit(case, small_gsm8k, tmp_path):
     overrides, expected = _case(case, tmp_path)
-    cfg = load_config("grpo_gsm8k", [f"data.path={small_gsm8k}", "trainer.eval_every=5", *overrides])
+    cfg = load_config(None, [f"data.path={small_gsm8k}", "trainer.eval_every=5", *overrides])
     with pytest.raises(InputError) as info:
         load_inputs(cfg)
     message = str(info.value)
@@ -71,7 +71,7 @@ def test_load_inputs_errors_name_the_culprit(case, small_gsm8k, tmp_path):
 
 
 def test_good_inputs_load(small_gsm8k):
-    cfg = load_config("grpo_gsm8k", [f"data.path={small_gsm8k}", "trainer.eval_samples=8"])
+    cfg = load_config(None, [f"data.path={small_gsm8k}", "trainer.eval_samples=8"])
     inputs = load_inputs(cfg)
     assert len(inputs.train_set) == 40 and len(inputs.eval_set) == 8
     assert list(inputs.reward_fns) == ["gsm8k_correct", "format_answer_line"]
@@ -87,7 +87,7 @@ def test_good_inputs_load(small_gsm8k):
 def test_cli_prints_one_line_before_starting_ray(overrides, expected, small_gsm8k, tmp_path):
     overrides = [o.format(tmp=tmp_path) for o in overrides]
     with pytest.raises(SystemExit) as info:
-        main(["recipe=grpo_gsm8k", f"data.path={small_gsm8k}", f"run.dir={tmp_path / 'run'}",
+        main([f"data.path={small_gsm8k}", f"run.dir={tmp_path / 'run'}",
               *overrides])
     message = info.value.code
     assert isinstance(message, str) and "\n" not in message
@@ -104,7 +104,7 @@ def test_cli_prints_one_line_before_starting_ray(overrides, expected, small_gsm8
 def test_broken_reward_stops_the_cli_in_seconds_before_ray(fn, expected, small_gsm8k, tmp_path):
     start = time.perf_counter()
     with pytest.raises(SystemExit) as info:
-        main(["recipe=grpo_gsm8k", f"data.path={small_gsm8k}", f"run.dir={tmp_path / 'run'}",
+        main([f"data.path={small_gsm8k}", f"run.dir={tmp_path / 'run'}",
               f"rewards.funcs=[tests/data/bad_rewards.py:{fn}]", "rewards.weights=[1]"])
     message = info.value.code
     assert isinstance(message, str) and "\n" not in message

@@ -99,7 +99,7 @@ def _checkpoint(run_dir, step, state=True):
 
 
 def test_auto_resume_picks_the_newest_complete_checkpoint(tmp_path):
-    cfg = load_config("grpo_gsm8k", [f"run.dir={tmp_path}", "trainer.resume=auto"])
+    cfg = load_config(None, [f"run.dir={tmp_path}", "trainer.resume=auto"])
     assert resume_checkpoint(cfg, tmp_path) is None  # nothing yet: a fresh start
     _checkpoint(tmp_path, 2)
     newest = _checkpoint(tmp_path, 10)  # 10 > 9: by step, not by name
@@ -113,14 +113,14 @@ def test_auto_resume_picks_the_newest_complete_checkpoint(tmp_path):
 
 def test_explicit_resume_errors_name_the_checkpoint(tmp_path):
     missing = tmp_path / "checkpoint-3"
-    cfg = load_config("grpo_gsm8k", [f"trainer.resume={missing}"])
+    cfg = load_config(None, [f"trainer.resume={missing}"])
     with pytest.raises(InputError, match=f"^trainer.resume={missing}: no such checkpoint directory$"):
         resume_checkpoint(cfg, tmp_path)
     _checkpoint(tmp_path, 3, state=False)
     with pytest.raises(InputError, match=r"not a resumable checkpoint \(no trainer_state.pt"):
         resume_checkpoint(cfg, tmp_path)
     _checkpoint(tmp_path, 4)
-    cfg = load_config("grpo_gsm8k", [f"trainer.resume={tmp_path / 'checkpoint-4'}"])
+    cfg = load_config(None, [f"trainer.resume={tmp_path / 'checkpoint-4'}"])
     assert resume_checkpoint(cfg, tmp_path) == tmp_path / "checkpoint-4"
 
 
@@ -159,7 +159,7 @@ def test_stale_weight_dirs_of_dead_learners_are_removed(tmp_path):
 
 def test_resume_auto_needs_run_dir():
     with pytest.raises(InputError, match=r"^trainer.resume=auto needs run.dir=<the run directory"):
-        load_config("grpo_gsm8k", ["trainer.resume=auto"])
+        load_config(None, ["trainer.resume=auto"])
 
 
 def test_consecutive_skipped_steps_stop_the_run():

@@ -44,7 +44,7 @@ class ScriptedSampler:
 
 
 def run(overrides, n_examples=30, step=1):
-    cfg = load_config("grpo_gsm8k", [f"grpo.group_size={G}", "rollout.max_new_tokens=10",
+    cfg = load_config(None, [f"grpo.group_size={G}", "rollout.max_new_tokens=10",
                                      "data.instruction=", *overrides])
     fns = {"gsm8k_correct": load_reward("gsm8k_correct")}
     sampler = PromptSampler(examples(n_examples), seed=0)
@@ -127,7 +127,7 @@ def test_overlong_penalty_matches_dapo_formula():
 
 
 def guard(**over):
-    cfg = load_config("grpo_gsm8k", [f"trainer.{k}={v}" for k, v in over.items()])
+    cfg = load_config(None, [f"trainer.{k}={v}" for k, v in over.items()])
     return SignalGuard(cfg.trainer, {"gsm8k_correct": None, "format_answer_line": None})
 
 
@@ -155,12 +155,12 @@ def test_logp_mismatch_guard():
 
 
 def test_held_out_slice_is_the_tail_and_never_trained_on():
-    cfg = load_config("grpo_gsm8k", ["data.held_out=5"])
+    cfg = load_config(None, ["data.held_out=5"])
     train, held = split_held_out(cfg.data, examples(20))
     assert [e.id for e in held] == [f"t:{i}" for i in range(15, 20)] and len(train) == 15
     assert not {e.id for e in train} & {e.id for e in held}
     with pytest.raises(InputError, match="data.held_out=20 leaves nothing"):
-        split_held_out(load_config("grpo_gsm8k", ["data.held_out=20"]).data, examples(20))
+        split_held_out(load_config(None, ["data.held_out=20"]).data, examples(20))
 
 
 @pytest.mark.parametrize("override,message", [
@@ -172,7 +172,7 @@ def test_held_out_slice_is_the_tail_and_never_trained_on():
 ])
 def test_bad_sampling_settings_are_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        load_config("grpo_gsm8k", override.split())
+        load_config(None, override.split())
 
 
 def test_rewards_see_each_completion_truncation_and_length():
@@ -182,7 +182,7 @@ def test_rewards_see_each_completion_truncation_and_length():
         seen.update(texts=list(completions), truncated=list(truncated), tokens=list(completion_tokens))
         return [0.0] * len(completions)
 
-    cfg = load_config("grpo_gsm8k", [f"grpo.group_size={G}", "grpo.prompts_per_step=8", "data.instruction="])
+    cfg = load_config(None, [f"grpo.group_size={G}", "grpo.prompts_per_step=8", "data.instruction="])
     gen = ScriptedSampler()
     sample_step(cfg, PromptSampler(examples(30), seed=0), tiny_tokenizer(None), gen, {"spy": spy}, {"spy": 1.0},
                 SamplingSpec(n=G), 1)
