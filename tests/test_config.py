@@ -148,7 +148,10 @@ def test_every_field_has_a_docstring(cls):
         (["trainer=5"], ["'trainer'"]),
         (["~trainer.max_steps"], ["deleting keys is not supported"]),
         (["trainer.max_steps"], ["argument 'trainer.max_steps'"]),
-        (["rewards.funcs=[gsm8k_correct]"], ["rewards.funcs has 1 entries", "rewards.weights has 2"]),
+        (
+            ["rewards.funcs=[gsm8k_correct]", "rewards.weights=[1.0,0.2]"],
+            ["rewards.funcs has 1 entries", "rewards.weights has 2"],
+        ),
         (["rewards.funcs=[gsm8k_correct,a.py:f,m:g]", "rewards.weights=[1]"], ["has 3", "has 1"]),
         # An unknown name is reported as unknown, whatever rewards.weights holds.
         (["rewards.funcs=[no_such_reward]"], ["reward 'no_such_reward': unknown name"]),
