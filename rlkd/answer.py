@@ -126,6 +126,14 @@ def _numeric(answer: str) -> str | None:
     return text if len(text) <= 64 and _FULL_NUMBER_RE.fullmatch(text) else None
 
 
+ROUNDED_GOLD_PLACES = 3  # a gold with this many decimal places or more was rounded
+
+
+def _decimal_places(number: str) -> int:
+    text = _numeric(number) or ""
+    return len(text.partition(".")[2]) if "/" not in text else 0
+
+
 def _to_fraction(answer: str) -> Fraction | None:
     text = _numeric(answer)
     try:
@@ -135,7 +143,9 @@ def _to_fraction(answer: str) -> Fraction | None:
 
 
 def answers_match(pred: str | None, gold: str) -> bool:
-    """True if `pred` equals `gold`: exactly as numbers (18.00 == 18, 0.5 == 1/2), else math-verify.
+    """True if `pred` equals `gold`: exactly as numbers (18.00 == 18, 0.5 == .5 == 1/2), else
+    math-verify. A gold decimal of 3 or more places is taken as rounded (MAWPS writes 5/6 as
+    0.833333): a number within one unit of its last place matches it (5/6, 0.833333, 0.8333333).
 
     math-verify runs in a separate process with a hard `VERIFY_TIMEOUT_S` limit and a memory
     cap, so this never hangs, never raises on hostile input and is safe from any thread.
@@ -144,6 +154,9 @@ def answers_match(pred: str | None, gold: str) -> bool:
         return False
     pred_num, gold_num = _to_fraction(pred), _to_fraction(gold)
     if pred_num is not None and gold_num is not None:
+        places = _decimal_places(gold)
+        if places >= ROUNDED_GOLD_PLACES:
+            return abs(pred_num - gold_num) <= Fraction(1, 10**places)
         return pred_num == gold_num
     if not pred.strip() or len(pred) > _MAX_VERIFY_CHARS or len(gold) > _MAX_VERIFY_CHARS:
         return False

@@ -201,6 +201,12 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 def validate(cfg: Config) -> None:
     """Cross-field checks the type system cannot express, before any heavy work starts."""
     r, g = cfg.rewards, cfg.grpo
+    from rlkd.data import DATASETS  # reads the datasets library: only once a config exists
+
+    if cfg.data.name not in DATASETS:
+        close = difflib.get_close_matches(cfg.data.name, DATASETS, n=1)
+        raise ConfigError(f"data.name={cfg.data.name} is not a dataset rlkd knows "
+                          f"({', '.join(DATASETS)}){f'; did you mean {close[0]}?' if close else ''}")
     for spec in r.funcs:
         if ":" not in spec and spec not in REWARDS:
             try:

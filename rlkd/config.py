@@ -143,9 +143,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    name: str = "gsm8k"
+    """Named dataset (the registry `rlkd.data.DATASETS`): `gsm8k`, `mawps_asdiv_a` or `arith`,
+    shipped in rlkd/datasets, so nothing needs the network. It also says how a row's gold
+    rationale is written, for `path` and `hub_id` too."""
     path: str = ""
-    """Local directory (<split>.jsonl or .parquet) or file. With `hub_id` also empty, the GSM8K
-    copy shipped with rlkd (rlkd/datasets/gsm8k), so nothing needs the network."""
+    """Local directory (<split>.jsonl or .parquet) or file, read instead of the named dataset's
+    own copy."""
     hub_id: str = ""
     """Hugging Face dataset id (e.g. openai/gsm8k), read when `path` is empty."""
     hub_config: str = "main"

@@ -29,8 +29,8 @@ from transformers import AutoTokenizer
 
 from rlkd.config import Config, ConfigError, PromptMode
 from rlkd.console import out, terminal
-from rlkd.data import Example, build_prompt, load_split
-from rlkd.filters import apply_filters, report_markdown, strip_calculator
+from rlkd.data import Example, build_prompt, gold_text, load_split
+from rlkd.filters import apply_filters, report_markdown
 from rlkd.grpo import init_ray
 from rlkd.hardware import rollout_dtype
 from rlkd.models import resolve_model
@@ -50,12 +50,6 @@ def trim_after_answer(text: str) -> str:
 SAMPLE_FIELDS = ("id", "question", "gold", "text", "num_tokens", "gold_tokens", "mean_logprob",
                  "min_logprob", "temperature", "prompt_mode", "sample_index", "truncated",
                  "teacher", "seed")
-
-
-def gold_text(ex: Example, strip: bool) -> str:
-    """GSM8K's own solution as an SFT target: the rationale, then the '#### N' line."""
-    rationale = strip_calculator(ex.rationale) if strip else ex.rationale
-    return f"{rationale}\n#### {ex.answer}"
 
 
 def teacher_prompt(tokenizer, ex: Example, cfg: Config) -> str:

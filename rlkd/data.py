@@ -1,8 +1,10 @@
-"""GSM8K loading, prompt formatting and the training prompt stream.
+"""Datasets, prompt formatting and the training prompt stream.
 
-`load_split` reads a split from a local jsonl/parquet file (or directory of them), from the hub
-(`data.hub_id`), or by default from the GSM8K copy shipped in rlkd/datasets/gsm8k, validating
-every row into an `Example`; a bad row is a one-line `DataError` naming its file and line.
+`DATASETS` is the registry of named datasets (`data.name`): where each one's splits live and how
+its gold rationale is written. Adding a dataset is one entry there (see `Dataset`). `load_split`
+reads a split of the named dataset, of a local jsonl/parquet file or directory (`data.path`,
+read with the named dataset's rules), or from the hub (`data.hub_id`), validating every row into
+an `Example`; a bad row is a one-line `DataError` naming its file and line.
 `build_prompt` renders a question with the model's chat template, `encode_prompt` turns it into
 the token ids every path uses, and `PromptSampler` hands out
 shuffled examples epoch after epoch, resumable from a checkpoint.
@@ -11,7 +13,7 @@ shuffled examples epoch after epoch, resumable from a checkpoint.
 import json
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +22,15 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from rlkd.answer import gold_answer
+from rlkd.equations import equation_steps
+from rlkd.filters import strip_calculator
 from rlkd.config import DataConfig, InputError
 
 logger = logging.getLogger("rlkd.data")
 
 HUB_PROBE_TIMEOUT_S = 5.0  # datasets retries an unreachable hub for ~25 s; we ask once
 _LOCAL_FORMATS = (".jsonl", ".parquet")
-EMBEDDED_GSM8K = Path(__file__).parent / "datasets" / "gsm8k"
+DATASETS_DIR = Path(__file__).parent / "datasets"
 
 
 @dataclass(frozen=True)
@@ -34,24 +38,72 @@ class Example:
     id: str  # "<source>:<split>:<row index>", stable across runs and skip_bad_rows
     question: str
     answer: str  # gold final answer, as returned by gold_answer
-    rationale: str  # GSM8K's human solution before '####'
+    rationale: str  # the gold solution before '####', as the dataset's entry writes it
 
 
 class DataError(InputError):
     """A missing source or a malformed row; the message is one line naming where."""
 
 
+def _gsm8k_rationale(row: dict) -> str:
+    """GSM8K's human solution: the answer field before its '####' line."""
+    return row["answer"].rpartition("####")[0].strip()
+
+
+def _equation_rationale(row: dict) -> str:
+    """MAWPS/ASDiv-A: the row's infix equation written as one line per operation."""
+    if not isinstance(row.get("equation"), str) or not row["equation"].strip():
+        raise ValueError("missing or empty 'equation'")
+    return "\n".join(equation_steps(row["equation"]))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A named dataset: `<folder>/<split>.jsonl` rows with a `question` and a GSM8K-style
+    `answer` ("... #### N"), and a function writing a row's gold rationale (what gold SFT,
+    `cot.prompt_mode=gold`, GKD's reference solutions and `data.max_solution_steps` read)."""
+
+    folder: Path
+    rationale: Callable[[dict], str]
+    splits: tuple[str, ...] = ("train", "test")
+    about: str = ""
+
+
+# One place to add a dataset: a folder under rlkd/datasets (or anywhere) and an entry here.
+DATASETS: dict[str, Dataset] = {
+    "gsm8k": Dataset(DATASETS_DIR / "gsm8k", _gsm8k_rationale,
+                     about="GSM8K (Cobbe et al. 2021), 7,473 / 1,319, MIT"),
+    "mawps_asdiv_a": Dataset(DATASETS_DIR / "mawps_asdiv_a", _equation_rationale,
+                             about="MAWPS + ASDiv-A, fold 0 as the SVAMP repository distributes "
+                                   "them, 2,341 / 619, MIT"),
+    "arith": Dataset(DATASETS_DIR / "arith", _gsm8k_rationale,
+                     about="rlkd's one-step addition and subtraction word problems, 400 / 200"),
+}
+
+
+def dataset(cfg: DataConfig) -> Dataset:
+    """The registry entry of data.name (compose has checked the name)."""
+    return DATASETS[cfg.name]
+
+
+def gold_text(ex: Example, strip: bool = True) -> str:
+    """A gold solution as a training target: the rationale, then the '#### N' line."""
+    rationale = strip_calculator(ex.rationale) if strip else ex.rationale
+    return f"{rationale}\n#### {ex.answer}"
+
+
 def load_split(cfg: DataConfig, split: str, limit: int = 0) -> list[Example]:
     """Validated examples of `split` (all of them, or the first `limit`)."""
+    spec = dataset(cfg)
     if cfg.path or not cfg.hub_id:
-        path = _resolve_local(Path(cfg.path).expanduser() if cfg.path else EMBEDDED_GSM8K, split)
+        path = _resolve_local(Path(cfg.path).expanduser() if cfg.path else spec.folder, split)
         # Ids use the folder name, not the full path, so they survive copying the data elsewhere.
         source, split, origin = path.parent.name, path.stem, str(path)
         rows = _jsonl_rows(path) if path.suffix == ".jsonl" else _parquet_rows(path)
     else:
         source, origin = cfg.hub_id, f"{cfg.hub_id}:{split}"
         rows = _hub_rows(cfg, split)
-    examples = _examples(rows, source, split, cfg.skip_bad_rows)
+    examples = _examples(rows, source, split, cfg.skip_bad_rows, spec.rationale)
     if not examples:
         raise DataError(f"{origin}: no valid examples")
     return examples[:limit] if limit > 0 else examples
@@ -146,14 +198,13 @@ def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def _examples(
-    rows: Iterable[tuple[str, str | dict]], source: str, split: str, skip_bad: bool
-) -> list[Example]:
+def _examples(rows: Iterable[tuple[str, str | dict]], source: str, split: str, skip_bad: bool,
+              rationale: Callable[[dict], str]) -> list[Example]:
     examples, bad = [], []
     # Bad rows keep their index so ids do not shift when skip_bad_rows is turned on.
     for index, (where, row) in enumerate(rows):
         try:
-            examples.append(_example(row, f"{source}:{split}:{index}"))
+            examples.append(_example(row, f"{source}:{split}:{index}", rationale))
         except ValueError as e:
             if not skip_bad:
                 raise DataError(f"{where}: {e}") from None
@@ -163,7 +214,7 @@ def _examples(
     return examples
 
 
-def _example(row: str | dict, example_id: str) -> Example:
+def _example(row: str | dict, example_id: str, rationale: Callable[[dict], str]) -> Example:
     """One validated Example; raises ValueError saying what is wrong with the row."""
     if isinstance(row, str):
         try:
@@ -179,7 +230,7 @@ def _example(row: str | dict, example_id: str) -> Example:
         id=example_id,
         question=row["question"].strip(),
         answer=gold_answer(row["answer"]),
-        rationale=row["answer"].rpartition("####")[0].strip(),
+        rationale=rationale(row),
     )
 
 

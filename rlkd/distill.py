@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from functools import partial
 from pathlib import Path
@@ -33,7 +32,7 @@ from rewards import compute_rewards, load_reward
 from rlkd.config import Config
 from rlkd.config_distill import DistillObjective, StudentInit
 from rlkd.console import close_quietly, out, say, terminal
-from rlkd.data import Example, PromptSampler, build_prompt, encode_prompt, load_split
+from rlkd.data import Example, PromptSampler, build_prompt, encode_prompt, gold_text, load_split
 from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
 from rlkd.eval import score
 from rlkd.grpo import (
@@ -69,9 +68,8 @@ def build_student(cfg: Config, run_dir: Path, teacher_path: str) -> str:
 
 
 def reference_ids(tokenizer, ex: Example, max_tokens: int) -> list[int]:
-    """A GSM8K reference solution in the '#### N' format the prompt asks for, ending the turn."""
-    rationale = re.sub(r"<<[^>]*>>", "", ex.rationale)  # GSM8K's calculator annotations
-    ids = tokenizer(f"{rationale}\n#### {ex.answer}", add_special_tokens=False).input_ids
+    """The gold solution in the '#### N' format the prompt asks for, ending the turn."""
+    ids = tokenizer(gold_text(ex), add_special_tokens=False).input_ids
     return (ids + [tokenizer.eos_token_id])[:max_tokens]
 
 

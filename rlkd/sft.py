@@ -27,8 +27,7 @@ from transformers import AutoTokenizer
 
 from rlkd.config import Config, ConfigError, SFTTarget
 from rlkd.console import close_quietly, out, say, terminal
-from rlkd.cot import gold_text
-from rlkd.data import build_prompt, encode_prompt, load_split, split_held_out, training_pool
+from rlkd.data import build_prompt, encode_prompt, gold_text, load_split, split_held_out, training_pool
 from rlkd.eval import score
 from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
 from rlkd.hardware import rollout_dtype

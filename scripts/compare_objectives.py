@@ -3,7 +3,7 @@
     python scripts/compare_objectives.py [--steps 8] [--objectives grpo gspo cispo rloo]
                                          [--out docs/objectives.png] [key=value ...]
 
-Every run trains the embedded model on the arithmetic word problems of `tests/data/arith`
+Every run trains the embedded model on the arithmetic word problems of `rlkd/datasets/arith`
 (GSM8K's format, solved well below the ceiling at the start) with the learning test's settings:
 correctness reward, dynamic sampling, overlong masking, lr 1e-5, T 0.7, 4 prompts x 8
 completions of at most 128 tokens, and one `run.seed`, so every objective draws the same first
@@ -80,7 +80,7 @@ def main() -> None:
               f"{sum(rewards[half:]) / max(len(rewards) - half, 1):>20.3f} {s_step:>8.1f}")
         ax.plot(steps, rewards, marker="o", label=name)
     ax.set(xlabel="step", ylabel="mean train reward (sampled, T 0.7)", ylim=(0, None),
-           title=f"GRPO objectives on tests/data/arith, same seed, {args.steps} steps")
+           title=f"GRPO objectives on rlkd/datasets/arith, same seed, {args.steps} steps")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """GRPO teaches: held-out exact-match accuracy on a verifiable task rises, not only the reward.
 
-The task is one-step addition and subtraction word problems (tests/data/arith, written by its
+The task is one-step addition and subtraction word problems (rlkd/datasets/arith, written by its
 make.py, in GSM8K's format), rewarded by correctness alone (`gsm8k_correct`), with dynamic
 sampling so every step carries signal and overlong filtering. One run evaluates the untrained
 policy greedily on the 200 test problems (step 0), trains 16 steps and evaluates again, under the

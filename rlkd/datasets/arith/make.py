@@ -1,7 +1,7 @@
 """Writes train.jsonl and test.jsonl: one-step addition and subtraction word problems in GSM8K's format
 (`question`, `answer` ending in '#### N'), for the end-to-end learning test.
 
-    python tests/data/arith/make.py
+    python rlkd/datasets/arith/make.py
 """
 
 import json
