@@ -25,7 +25,7 @@ from rewards.format import (
     format_think_partial,
 )
 from rewards.gsm8k import gsm8k_correct
-from rlkd.config import InputError, RunStopped
+from rlkd.errors import InputError, RunStopped
 
 logger = logging.getLogger(__name__)
 

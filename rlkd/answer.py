@@ -126,12 +126,16 @@ def _numeric(answer: str) -> str | None:
     return text if len(text) <= 64 and _FULL_NUMBER_RE.fullmatch(text) else None
 
 
-ROUNDED_GOLD_PLACES = 3  # a gold with this many decimal places or more was rounded
+ROUNDED_GOLD_PLACES = 2  # a gold with this many decimal places or more may have been rounded
 
 
-def _decimal_places(number: str) -> int:
+def _decimal_places(number: str) -> float:
+    """Decimal places written; a fraction has as many as it needs (inf unless it terminates)."""
     text = _numeric(number) or ""
-    return len(text.partition(".")[2]) if "/" not in text else 0
+    if "/" in text:
+        value = _to_fraction(text)
+        return 0 if value is None or value.denominator == 1 else float("inf")
+    return len(text.partition(".")[2])
 
 
 def _to_fraction(answer: str) -> Fraction | None:
@@ -144,8 +148,9 @@ def _to_fraction(answer: str) -> Fraction | None:
 
 def answers_match(pred: str | None, gold: str) -> bool:
     """True if `pred` equals `gold`: exactly as numbers (18.00 == 18, 0.5 == .5 == 1/2), else
-    math-verify. A gold decimal of 3 or more places is taken as rounded (MAWPS writes 5/6 as
-    0.833333): a number within one unit of its last place matches it (5/6, 0.833333, 0.8333333).
+    math-verify. A gold decimal of 2 or more places may be rounded (MAWPS writes 5/6 as 0.833333
+    and 250/3 as 83.33): a more precise number (5/6, 0.8333333, 83.3333) matches it when it
+    rounds to it; one written to the gold's precision or coarser must equal it.
 
     math-verify runs in a separate process with a hard `VERIFY_TIMEOUT_S` limit and a memory
     cap, so this never hangs, never raises on hostile input and is safe from any thread.
@@ -155,8 +160,8 @@ def answers_match(pred: str | None, gold: str) -> bool:
     pred_num, gold_num = _to_fraction(pred), _to_fraction(gold)
     if pred_num is not None and gold_num is not None:
         places = _decimal_places(gold)
-        if places >= ROUNDED_GOLD_PLACES:
-            return abs(pred_num - gold_num) <= Fraction(1, 10**places)
+        if places >= ROUNDED_GOLD_PLACES and _decimal_places(pred) > places:
+            return abs(pred_num - gold_num) <= Fraction(1, 2 * 10**places)
         return pred_num == gold_num
     if not pred.strip() or len(pred) > _MAX_VERIFY_CHARS or len(gold) > _MAX_VERIFY_CHARS:
         return False

@@ -24,16 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rewards import REGISTRY as REWARDS
 from rewards import load_reward
-from rlkd.config import (
-    RECIPES_DIR,
-    Config,
-    ConfigError,
-    InputError,
-    Overlong,
-    PromptMode,
-    Task,
-)
+from rlkd.config import RECIPES_DIR, Config, Overlong, PromptMode, Task
 from rlkd.config_distill import DistillObjective, StudentInit
+from rlkd.errors import ConfigError, InputError
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -204,7 +197,7 @@ def validate(cfg: Config) -> None:
     from rlkd.data import DATASETS  # reads the datasets library: only once a config exists
 
     if cfg.data.name not in DATASETS:
-        close = difflib.get_close_matches(cfg.data.name, DATASETS, n=1)
+        close = difflib.get_close_matches(cfg.data.name, DATASETS, n=1, cutoff=0.5)
         raise ConfigError(f"data.name={cfg.data.name} is not a dataset rlkd knows "
                           f"({', '.join(DATASETS)}){f'; did you mean {close[0]}?' if close else ''}")
     for spec in r.funcs:

@@ -18,25 +18,6 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 REPO_ROOT = RECIPES_DIR.parent
 
 
-class InputError(ValueError):
-    """Bad user input (config, data, model, reward, checkpoint) found before heavy work starts;
-    the message is one line naming the culprit, and the CLI prints it without a traceback."""
-
-
-class RunStopped(RuntimeError):
-    """A run stopped on purpose (repeated actor failures, NaN steps); one line says why and what
-    to resume from, and the CLI prints it without a traceback."""
-
-
-class Interrupted(RunStopped):
-    """Ctrl-C: the run saved what it could; the message says where and how to continue (the CLI
-    prints it and exits 130)."""
-
-
-class ConfigError(InputError):
-    """A bad recipe, key or value; the message is one line naming the culprit."""
-
-
 class Task(str, Enum):
     grpo = "grpo"
     eval = "eval"

@@ -22,27 +22,17 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
 from rlkd.answer import gold_answer
+from rlkd.config import DataConfig
 from rlkd.equations import equation_steps
+from rlkd.errors import ConfigError, DataError
 from rlkd.filters import strip_calculator
-from rlkd.config import DataConfig, InputError
+from rlkd.types import Example
 
 logger = logging.getLogger("rlkd.data")
 
 HUB_PROBE_TIMEOUT_S = 5.0  # datasets retries an unreachable hub for ~25 s; we ask once
 _LOCAL_FORMATS = (".jsonl", ".parquet")
 DATASETS_DIR = Path(__file__).parent / "datasets"
-
-
-@dataclass(frozen=True)
-class Example:
-    id: str  # "<source>:<split>:<row index>", stable across runs and skip_bad_rows
-    question: str
-    answer: str  # gold final answer, as returned by gold_answer
-    rationale: str  # the gold solution before '####', as the dataset's entry writes it
-
-
-class DataError(InputError):
-    """A missing source or a malformed row; the message is one line naming where."""
 
 
 def _gsm8k_rationale(row: dict) -> str:
@@ -164,6 +154,37 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, str]]:
                 yield f"{path}:{lineno}", line
 
 
+def decode_row(line: str) -> dict:
+    """One JSONL line as a JSON object; a ValueError says what is wrong with it."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def read_jsonl(path: str | Path, required: tuple[str, ...] = (),
+               check: Callable[[dict], str | None] | None = None) -> list[dict]:
+    """The one reader of rlkd's own JSONL files (samples, kept datasets, predictions): every
+    row, in order. A bad line stops with one `ConfigError` in one style, `<file>:<line>: <what
+    is wrong>`: invalid JSON, not an object, missing fields, or what `check` says of the row."""
+    rows = []
+    for where, line in _jsonl_rows(Path(path)):
+        try:
+            row = decode_row(line)
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ValueError(f"missing field(s) {', '.join(missing)}")
+            if check is not None and (problem := check(row)):
+                raise ValueError(problem)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        rows.append(row)
+    return rows
+
+
 def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         table = datasets.load_dataset("parquet", data_files=str(path), split="train")
@@ -216,11 +237,7 @@ def _examples(rows: Iterable[tuple[str, str | dict]], source: str, split: str, s
 
 def _example(row: str | dict, example_id: str, rationale: Callable[[dict], str]) -> Example:
     """One validated Example; raises ValueError saying what is wrong with the row."""
-    if isinstance(row, str):
-        try:
-            row = json.loads(row)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    row = decode_row(row) if isinstance(row, str) else row
     if not isinstance(row, dict):
         raise ValueError(f"expected a JSON object, got {type(row).__name__}")
     for key in ("question", "answer"):

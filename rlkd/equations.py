@@ -10,7 +10,7 @@ import re
 from fractions import Fraction
 
 _TOKEN_RE = re.compile(r"\s*(?:(\d+(?:\.\d*)?|\.\d+)|(.))")
-DECIMALS = 4  # a non-terminating result is written rounded to this many places
+DECIMALS = 6  # a non-terminating result is written rounded to this many places, as MAWPS does
 
 
 def format_number(x: Fraction) -> str:

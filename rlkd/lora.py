@@ -13,7 +13,8 @@ import peft
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rlkd.config import ConfigError, LoraConfig
+from rlkd.config import LoraConfig
+from rlkd.errors import ConfigError
 
 ADAPTER_DIR = "adapter"  # inside a checkpoint: the adapter alone, in PEFT's format
 

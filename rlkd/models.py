@@ -24,7 +24,7 @@ from huggingface_hub import HfApi, snapshot_download
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from rlkd.config import InputError
+from rlkd.errors import InputError
 
 
 @dataclass(frozen=True)

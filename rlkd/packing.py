@@ -30,7 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from rlkd.losses import selective_log_softmax
 
 if TYPE_CHECKING:
-    from rlkd.learner import TrainBatch
+    from rlkd.types import TrainBatch
 
 SEGMENT_ATTENTION = "rlkd_segments"
 

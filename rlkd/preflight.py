@@ -11,18 +11,13 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from rewards import compute_rewards, load_reward
-from rlkd.config import Config, InputError
-from rlkd.data import (
-    Example,
-    build_prompt,
-    encode_prompt,
-    load_split,
-    split_held_out,
-    training_pool,
-)
+from rlkd.config import Config
+from rlkd.data import build_prompt, encode_prompt, load_split, split_held_out, training_pool
+from rlkd.errors import InputError
 from rlkd.lora import check_lora
 from rlkd.models import resolve_model
 from rlkd.sampling import reward_columns
+from rlkd.types import Example
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlkd.config import InputError
+from rlkd.errors import InputError
 from rlkd.models import count_parameters, resolve_model
 
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlkd.config import Config, InputError
+from rlkd.config import Config
 from rlkd.data import PromptSampler
+from rlkd.errors import InputError
 
 TRAINER_STATE = "trainer_state.pt"  # same name as rlkd.learner.TRAINER_STATE, without its imports
 

@@ -19,9 +19,9 @@ import torch
 
 from rewards import compute_rewards
 from rlkd.config import Config, Overlong
-from rlkd.data import Example, PromptSampler, build_prompt
+from rlkd.data import PromptSampler, build_prompt
 from rlkd.losses import overlong_penalty
-from rlkd.rollout import Generation, SamplingSpec
+from rlkd.types import Example, Generation, SamplingSpec
 
 SEED_STRIDE = 10_000_019  # seed offset of each further sampling round of a step (prime)
 MAX_OVERSAMPLE = 4  # a later round draws at most this many times prompts_per_step prompts

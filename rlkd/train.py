@@ -4,8 +4,9 @@ import sys
 import traceback
 
 from rlkd.compose import from_cli
-from rlkd.config import Config, InputError, Interrupted, RunStopped, Task
+from rlkd.config import Config, Task
 from rlkd.console import capture, captured, one_line, out, say, silence
+from rlkd.errors import InputError, Interrupted, RunStopped
 from rlkd.tracking import make_run_dir
 
 # Task modules import Ray, vLLM and DeepSpeed (~30 s); they load only after the config is
@@ -13,37 +14,37 @@ from rlkd.tracking import make_run_dir
 
 
 def _grpo(cfg: Config, run_dir) -> None:
-    from rlkd.grpo import train
+    from rlkd.tasks.grpo import train
 
     train(cfg, run_dir)
 
 
 def _eval(cfg: Config, run_dir) -> None:
-    from rlkd.eval import evaluate
+    from rlkd.tasks.eval import evaluate
 
     evaluate(cfg, run_dir)
 
 
 def _cot(cfg: Config, run_dir) -> None:
-    from rlkd.cot import run
+    from rlkd.tasks.cot import run
 
     run(cfg, run_dir)
 
 
 def _sft(cfg: Config, run_dir) -> None:
-    from rlkd.sft import train
+    from rlkd.tasks.sft import train
 
     train(cfg, run_dir)
 
 
 def _distill(cfg: Config, run_dir) -> None:
-    from rlkd.distill import train
+    from rlkd.tasks.distill import train
 
     train(cfg, run_dir)
 
 
 def _study(cfg: Config, run_dir) -> None:
-    from rlkd.study import run
+    from rlkd.tasks.study import run
 
     run(cfg, run_dir)
 

@@ -8,7 +8,7 @@ Each benchmark runs in its own process (so engines and learners free their memor
 its output goes to bench_results/<name>.log and its figures to bench_results/<name>.json; one
 that fails is reported as failed and the others still run. bench_sync runs after
 bench_grpo_step so it can divide by the measured step time. A full run also rewrites the
-figures between the `bench:start` / `bench:end` markers of README.md (--no-readme keeps it).
+figures between the `bench:start` / `bench:end` markers of docs/benchmarks.md (--no-readme keeps it).
 If scripts/bench_rollout_actors.py exists (1 vs 2 rollout actors), its table is included too.
 """
 
@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for JSON results and logs")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "BENCHMARKS.md")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from --results")
-    p.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    p.add_argument("--no-readme", action="store_true", help="leave docs/benchmarks.md as it is")
     args = p.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
@@ -153,7 +153,7 @@ def main() -> None:
     text, targets = report(args.results, runs, quick, wall)
     args.out.write_text(text)
     print(f"\nwrote {args.out}")
-    readme = REPO_ROOT / "README.md"
+    readme = REPO_ROOT / "docs" / "benchmarks.md"
     content = readme.read_text()
     if not (quick or args.no_readme) and README_START in content and README_END in content:
         head, rest = content.split(README_START, 1)

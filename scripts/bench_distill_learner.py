@@ -30,15 +30,15 @@ from bench_common import free_port, on_gpu, parser, target
 from bench_learner import report, sample_batch, timed
 from transformers import AutoModelForCausalLM
 
+from rlkd.actors.distill_learner import DistillLearner
+from rlkd.actors.teacher import shared_vocab_size
 from rlkd.compose import load_config
-from rlkd.distill_learner import DistillBatch, DistillLearner
 from rlkd.distill_losses import minillm_loss, minillm_token_rewards, whiten
-from rlkd.learner import TrainBatch
 from rlkd.losses import selective_log_softmax
 from rlkd.models import resolve_model
 from rlkd.packing import collate
 from rlkd.prune import prune
-from rlkd.teacher import shared_vocab_size
+from rlkd.types import DistillBatch, TrainBatch
 
 PLAIN_MICRO_BATCH = 8
 

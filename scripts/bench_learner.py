@@ -12,10 +12,10 @@ rewards and turned into group advantages, as a GRPO step would. Each batch is tr
     the `all signal` step's (goal: <= 15%).
 Both sides start from the same weights and do the same update (token mean, clip 0.2/0.28, TIS
 cap 2, clipping at 1.0, one AdamW step):
-  rlkd:  `rlkd.learner.Learner` (DeepSpeed engine): zero-signal rows skipped, rows packed into
+  rlkd:  `rlkd.actors.learner.Learner` (DeepSpeed engine): zero-signal rows skipped, rows packed into
          `learner.max_tokens_per_micro_batch`, shared prompts, lm_head only where scored, and
          the precision `learner.dtype` picks (fp32 and `auto` are both measured);
-  plain: micro-batches of 8 right-padded rows through `rlkd.learner.collate`, full logits,
+  plain: micro-batches of 8 right-padded rows through `rlkd.packing.collate`, full logits,
          `torch.optim.AdamW` and `clip_grad_norm_`, fp32: the learner as it was.
 Steps alternate (rlkd, plain, ...) so a change in machine load hits both sides alike; the first
 --warmup steps are not timed. Tokens/s counts every prompt and completion token of the batch
@@ -48,12 +48,13 @@ from bench_common import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import compute_rewards, load_reward
+from rlkd.actors.learner import Learner
 from rlkd.compose import load_config
-from rlkd.learner import Learner, TrainBatch
 from rlkd.losses import group_advantages, grpo_loss, selective_log_softmax
 from rlkd.models import resolve_model
 from rlkd.packing import collate
 from rlkd.preflight import reward_name
+from rlkd.types import TrainBatch
 
 PLAIN_MICRO_BATCH = 8
 

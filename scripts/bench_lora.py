@@ -21,8 +21,8 @@ import torch
 from bench_common import free_port, on_gpu, parser, print_table, write_result
 from bench_learner import sample_batch, train_batch
 
+from rlkd.actors.learner import Learner
 from rlkd.compose import load_config
-from rlkd.learner import Learner
 from rlkd.models import resolve_model
 
 

@@ -28,11 +28,12 @@ import vllm
 from bench_common import gsm8k_prompts, on_gpu, parser, print_table, target, write_result
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlkd.actors.cluster import init_ray
+from rlkd.actors.rollout import RolloutActor, generate_sharded
 from rlkd.compose import load_config
-from rlkd.grpo import init_ray
 from rlkd.hardware import rollout_dtype
 from rlkd.models import resolve_model
-from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
+from rlkd.types import SamplingSpec
 
 
 def engine_kwargs(cfg, gpu: bool) -> dict:

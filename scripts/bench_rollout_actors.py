@@ -15,13 +15,14 @@ import time
 import ray
 from transformers import AutoTokenizer
 
+from rlkd.actors.cluster import init_ray, start_rollouts
+from rlkd.actors.placement import plan, reserve
+from rlkd.actors.rollout import generate_sharded
 from rlkd.compose import load_config
 from rlkd.config import REPO_ROOT
 from rlkd.data import build_prompt, load_split
-from rlkd.grpo import init_ray, start_rollouts
 from rlkd.models import resolve_model
-from rlkd.placement import plan, reserve
-from rlkd.rollout import SamplingSpec, generate_sharded
+from rlkd.types import SamplingSpec
 
 
 def bench(overrides: list[str], num_actors: int, prompts: list[str], spec: SamplingSpec) -> tuple[float, int, float]:

@@ -4,7 +4,7 @@
 
 For each model size a DeepSpeed `LearnerActor` and a vLLM `RolloutActor` start on this node as
 the GRPO loop starts them, and the learner's weights are pushed to the engine as
-`rlkd.grpo.sync_weights` pushes them, timed in two parts:
+`rlkd.actors.cluster.sync_weights` pushes them, timed in two parts:
   export: `Learner.export_weights` (parameters copied to CPU in the rollout dtype, serialised
           with safetensors to /dev/shm for `shm`, or to bytes put into Ray's object store for
           `bytes`, the cross-node transport);
@@ -32,12 +32,12 @@ import torch
 from bench_common import RESULTS_DIR, free_port, on_gpu, parser, print_table, target, write_result
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from rlkd.actors.cluster import init_ray
+from rlkd.actors.learner import LearnerActor
+from rlkd.actors.rollout import RolloutActor
 from rlkd.compose import load_config
-from rlkd.grpo import init_ray
 from rlkd.hardware import rollout_dtype
-from rlkd.learner import LearnerActor
 from rlkd.models import count_parameters, resolve_model
-from rlkd.rollout import RolloutActor
 
 # SmolLM2 shapes: (hidden, intermediate, layers, heads, kv heads); vocab and tying as 135M.
 SHAPES = {"360m": (960, 2560, 32, 15, 5), "1.7b": (2048, 8192, 24, 32, 32)}

@@ -20,7 +20,8 @@ from rlkd.compose import (
     recipe_names,
     recipe_path,
 )
-from rlkd.config import AdvScale, Config, ConfigError, OnError, Task, TrainerConfig
+from rlkd.config import AdvScale, Config, OnError, Task, TrainerConfig
+from rlkd.errors import ConfigError
 
 RECIPES = recipe_names()
 

@@ -15,15 +15,9 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from rlkd.config import DataConfig
-from rlkd.data import (
-    DataError,
-    Example,
-    PromptSampler,
-    build_prompt,
-    load_split,
-    solution_steps,
-    training_pool,
-)
+from rlkd.data import PromptSampler, build_prompt, load_split, solution_steps, training_pool
+from rlkd.errors import DataError
+from rlkd.types import Example
 
 needs_gsm8k = pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason="no local GSM8K copy")
 

@@ -20,16 +20,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from rlkd.actors.distill_learner import DistillLearner
+from rlkd.actors.teacher import VocabMismatchError, shared_vocab_size
 from rlkd.compose import load_config
-from rlkd.data import Example
-from rlkd.distill import reference_ids, reverse_kl_estimate
-from rlkd.distill_learner import DistillBatch, DistillLearner
 from rlkd.distill_losses import generalized_jsd_loss
-from rlkd.learner import TrainBatch
 from rlkd.losses import selective_log_softmax
 from rlkd.packing import collate
 from rlkd.prune import parse_layers, prune
-from rlkd.teacher import VocabMismatchError, shared_vocab_size
+from rlkd.tasks.distill import reference_ids, reverse_kl_estimate
+from rlkd.types import DistillBatch, Example, TrainBatch
 
 V = 64
 

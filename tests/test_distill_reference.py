@@ -15,8 +15,9 @@ import torch
 from test_distill_learner import PORT, V, make_model
 from transformers import LlamaForCausalLM
 
+from rlkd.actors.distill_learner import DistillLearner
 from rlkd.compose import load_config
-from rlkd.distill_learner import DistillBatch, DistillLearner
+from rlkd.types import DistillBatch
 
 GROUP, PROMPTS = 4, 2
 LR, WD, TIS_CAP = 1e-3, 0.05, 1.5

@@ -104,7 +104,8 @@ def test_checkpoint_loads_in_transformers_and_vllm(run_dir):
     script = textwrap.dedent(f"""
         import json, sys
         if __name__ == "__main__":
-            from rlkd.rollout import RolloutWorker, SamplingSpec
+            from rlkd.actors.rollout import RolloutWorker
+            from rlkd.types import SamplingSpec
             w = RolloutWorker({str(ckpt)!r}, max_model_len=512)
             g = w.generate([sys.argv[1]], SamplingSpec(n=1, max_tokens=24, temperature=0.0))
             print("RESULT" + json.dumps(g.texts[0]))

@@ -11,10 +11,11 @@ from conftest import GSM8K_DIR, REPO_ROOT
 from ray.cluster_utils import Cluster
 from transformers import AutoModelForCausalLM
 
+from rlkd.actors.cluster import init_ray, start_actors, stop_actors
 from rlkd.compose import load_config
-from rlkd.grpo import init_ray, start_actors, stop_actors, train
 from rlkd.models import resolve_model
-from rlkd.rollout import SamplingSpec
+from rlkd.tasks.grpo import train
+from rlkd.types import SamplingSpec
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import save
 from transformers import AutoModelForCausalLM
 
+from rlkd.actors.learner import Learner
+from rlkd.actors.rollout import RolloutWorker
 from rlkd.compose import load_config
-from rlkd.learner import Learner, TrainBatch
 from rlkd.models import resolve_model
-from rlkd.rollout import RolloutWorker, SamplingSpec, WeightUpdate
+from rlkd.types import SamplingSpec, TrainBatch, WeightUpdate
 
 pytestmark = pytest.mark.e2e
 

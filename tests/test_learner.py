@@ -8,10 +8,11 @@ from safetensors.torch import load, load_file
 from tokenizers import Tokenizer, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rlkd.actors.learner import DTYPES, Learner
 from rlkd.compose import load_config
 from rlkd.hardware import rollout_dtype
-from rlkd.learner import DTYPES, Learner, TrainBatch
 from rlkd.packing import collate
+from rlkd.types import TrainBatch
 
 
 @pytest.fixture(scope="module")

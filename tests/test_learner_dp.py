@@ -17,11 +17,11 @@ from test_learner_reference import (
 )
 from transformers import AutoModelForCausalLM
 
+from rlkd.actors.cluster import ACTOR_ENV, Actors, call_learners, start_learners, stop_actors
+from rlkd.actors.placement import plan, reserve
+from rlkd.actors.weight_source import ExportSource
 from rlkd.compose import load_config
 from rlkd.config import REPO_ROOT
-from rlkd.grpo import ACTOR_ENV, Actors, call_learners, start_learners, stop_actors
-from rlkd.placement import plan, reserve
-from rlkd.weight_source import ExportSource
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ import torch
 from test_learner import tiny_model  # noqa: F401  (a fixture)
 from transformers import LlamaForCausalLM
 
+from rlkd.actors.learner import Learner
 from rlkd.compose import load_config
-from rlkd.learner import Learner, TrainBatch
+from rlkd.types import TrainBatch
 
 GROUP, PROMPTS = 4, 2
 LR, WD, MAX_LEN = 1e-3, 0.05, 16

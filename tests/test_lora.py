@@ -19,9 +19,9 @@ from test_learner_reference import (
 )
 from transformers import LlamaForCausalLM
 
+from rlkd.actors.learner import Learner
 from rlkd.compose import load_config
-from rlkd.config import ConfigError
-from rlkd.learner import Learner
+from rlkd.errors import ConfigError
 from rlkd.lora import ADAPTER_DIR, check_lora
 
 RANK, ALPHA = 4, 8.0

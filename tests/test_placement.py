@@ -9,11 +9,11 @@ from vllm.distributed.weight_transfer.nccl_common import (
     worker_init_payload,
 )
 
+from rlkd.actors.learner import shard_rows
+from rlkd.actors.placement import check_fits, local_num_cpus, plan
+from rlkd.actors.rollout import RolloutWorker, nccl_rank_offset, nccl_world_size
 from rlkd.compose import load_config
-from rlkd.config import ConfigError
-from rlkd.learner import shard_rows
-from rlkd.placement import check_fits, local_num_cpus, plan
-from rlkd.rollout import RolloutWorker, nccl_rank_offset, nccl_world_size
+from rlkd.errors import ConfigError
 
 
 def _cfg(*overrides):

@@ -13,9 +13,9 @@ import ray
 from conftest import GSM8K_DIR
 
 from rlkd.compose import load_config
-from rlkd.config import InputError
-from rlkd.eval import main as eval_main
+from rlkd.errors import InputError
 from rlkd.preflight import load_inputs
+from rlkd.tasks.eval import main as eval_main
 from rlkd.train import main
 
 pytestmark = pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason="no local GSM8K copy")

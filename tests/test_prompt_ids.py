@@ -10,14 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlkd.actors.rollout import token_prompts
 from rlkd.compose import load_config
-from rlkd.config import DataConfig, InputError
-from rlkd.data import Example, build_prompt, encode_prompt
+from rlkd.config import DataConfig
+from rlkd.data import build_prompt, encode_prompt
+from rlkd.errors import InputError
 from rlkd.models import resolve_model
 from rlkd.preflight import check_prompt_lengths
-from rlkd.quantize import TransformersGenerator
-from rlkd.rollout import SamplingSpec, token_prompts
-from rlkd.sft import SFTExample, tokenize
+from rlkd.tasks.quantize import TransformersGenerator
+from rlkd.tasks.sft import SFTExample, tokenize
+from rlkd.types import Example, SamplingSpec
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 

@@ -10,11 +10,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlkd import quantize as q
+from rlkd.tasks import quantize as q
 from rlkd.compose import load_config
-from rlkd.config import InputError
+from rlkd.errors import InputError
 from rlkd.models import count_parameters
-from rlkd.rollout import SamplingSpec
+from rlkd.types import SamplingSpec
 
 VOCAB = ["<pad>", "<eos>", *string.printable]
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import ray
 
-from rlkd.recovery import RolloutCallError, RolloutFailedError, RolloutGuard
+from rlkd.actors.recovery import RolloutCallError, RolloutFailedError, RolloutGuard
 
 pytestmark = pytest.mark.e2e  # starts a Ray instance
 
@@ -131,7 +131,7 @@ def test_a_second_ctrl_c_during_the_save_is_answered_not_obeyed(capsys):
     import os
     import signal
 
-    from rlkd.recovery import save_on_interrupt
+    from rlkd.actors.recovery import save_on_interrupt
 
     def save():
         os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C again mid-save
@@ -144,7 +144,7 @@ def test_a_second_ctrl_c_during_the_save_is_answered_not_obeyed(capsys):
 
 
 def test_interrupt_message_names_the_checkpoint_and_the_command(tmp_path):
-    from rlkd.recovery import interrupted
+    from rlkd.actors.recovery import interrupted
 
     msg = str(interrupted(9, 8, tmp_path, resumable=True))
     assert f"{tmp_path}/checkpoint-8 holds step 8" in msg and "trainer.resume=auto" in msg

@@ -15,11 +15,11 @@ from ray.exceptions import OutOfMemoryError
 from test_learner import _batch, _learner, tiny_model  # noqa: F401  (the fixture)
 from transformers import LlamaForCausalLM
 
+from rlkd.actors.learner import remove_stale_weight_dirs
+from rlkd.actors.recovery import BadStepsError, actor_died, count_bad_steps, learner_died
 from rlkd.compose import load_config
-from rlkd.config import InputError
-from rlkd.data import Example, PromptSampler
-from rlkd.learner import remove_stale_weight_dirs
-from rlkd.recovery import BadStepsError, actor_died, count_bad_steps, learner_died
+from rlkd.data import PromptSampler
+from rlkd.errors import InputError
 from rlkd.resume import (
     complete_checkpoints,
     driver_state,
@@ -27,6 +27,7 @@ from rlkd.resume import (
     resume_checkpoint,
     truncate_metrics,
 )
+from rlkd.types import Example
 
 ARGS = ("learner.micro_batch_size=4", "learner.warmup_steps=3", "grpo.mini_batches=2")
 

@@ -8,8 +8,9 @@ import textwrap
 import pytest
 from conftest import REPO_ROOT
 
-from rlkd.rollout import Generation, prompt_seed, shard
+from rlkd.actors.rollout import prompt_seed, shard
 from rlkd.sampling import repeat_each
+from rlkd.types import Generation
 
 
 @pytest.mark.parametrize("n, k", [(0, 1), (1, 3), (5, 2), (7, 3), (16, 4)])
@@ -50,7 +51,7 @@ def _watchdog(dead: bool, stopping: bool, dies_at_exit: bool = False) -> subproc
     engine dead and takes 3 s to finish, as vLLM's shutdown of its engine process does."""
     code = textwrap.dedent(f"""
         import atexit, threading, time, types
-        from rlkd.rollout import _exit_when_engine_dies
+        from rlkd.actors.rollout import _exit_when_engine_dies
         stop = threading.Event()
         if {stopping}:
             stop.set()

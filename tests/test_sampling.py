@@ -6,13 +6,13 @@ import torch
 from test_data import tiny_tokenizer
 
 from rewards import load_reward
+from rlkd.actors.recovery import SignalGuard
 from rlkd.compose import load_config
-from rlkd.config import ConfigError, InputError
-from rlkd.data import Example, PromptSampler, split_held_out
+from rlkd.data import PromptSampler, split_held_out
+from rlkd.errors import ConfigError, InputError
 from rlkd.losses import overlong_penalty
-from rlkd.recovery import SignalGuard
-from rlkd.rollout import Generation, SamplingSpec
 from rlkd.sampling import SEED_STRIDE, sample_step, varied_groups
+from rlkd.types import Example, Generation, SamplingSpec
 
 G = 4
 

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlkd.actors.learner import Learner
 from rlkd.compose import load_config
-from rlkd.config import ConfigError
-from rlkd.learner import Learner, TrainBatch
+from rlkd.errors import ConfigError
 from rlkd.losses import selective_log_softmax, sft_loss
 from rlkd.packing import collate, collate_packed
-from rlkd.sft import batches, read_dataset, sft_examples, tokenize
+from rlkd.tasks.sft import batches, read_dataset, sft_examples, tokenize
+from rlkd.types import TrainBatch
 from tests.conftest import GSM8K_DIR
 from tests.test_learner import tiny_model  # noqa: F401  (module fixture)
 

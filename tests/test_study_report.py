@@ -9,7 +9,7 @@ import pytest
 from matplotlib.text import Text
 
 from rlkd import arithmetic_claims as ac
-from rlkd import study_report as sr
+from rlkd.tasks import study_report as sr
 from rlkd.stats import mcnemar_exact, wilson_interval
 
 # --- arithmetic check --------------------------------------------------------------------------

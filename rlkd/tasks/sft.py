@@ -21,22 +21,37 @@ from pathlib import Path
 
 import datasets
 import ray
-from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rlkd.config import Config, ConfigError, SFTTarget
-from rlkd.console import close_quietly, out, say, terminal
-from rlkd.data import build_prompt, encode_prompt, gold_text, load_split, split_held_out, training_pool
-from rlkd.eval import score
-from rlkd.grpo import Actors, free_port, init_ray, save_checkpoint, sync_weights
-from rlkd.hardware import rollout_dtype
-from rlkd.learner import LearnerActor, TrainBatch
+from rlkd.actors.cluster import (
+    Actors,
+    free_port,
+    init_ray,
+    rollout_actor,
+    save_checkpoint,
+    sync_weights,
+)
+from rlkd.actors.learner import LearnerActor
+from rlkd.actors.recovery import Progress, shutdown, training_tail
+from rlkd.actors.rollout import generate_sharded
+from rlkd.config import Config, SFTTarget
+from rlkd.console import close_quietly, out, terminal
+from rlkd.data import (
+    build_prompt,
+    encode_prompt,
+    gold_text,
+    load_split,
+    read_jsonl,
+    split_held_out,
+    training_pool,
+)
+from rlkd.errors import ConfigError
 from rlkd.lora import check_lora
 from rlkd.models import resolve_model
-from rlkd.recovery import actor_died, interrupted, save_on_interrupt, shutdown
-from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
+from rlkd.scoring import score
 from rlkd.tracking import Tracker, plot_curves
+from rlkd.types import SamplingSpec, TrainBatch
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,11 @@ class SFTExample:
     id: str
     question: str
     target: str  # the assistant turn, without the end-of-turn token
+
+
+def _empty_fields(fields: tuple[str, ...], row: dict) -> str | None:
+    missing = [k for k in fields if not row.get(k)]
+    return f"missing field(s) {', '.join(missing)}" if missing else None
 
 
 def read_dataset(path: str) -> list[dict]:
@@ -55,12 +75,14 @@ def read_dataset(path: str) -> list[dict]:
         raise ConfigError(f"sft.data={path}: no such file")
     if p.suffix not in (".jsonl", ".parquet"):
         raise ConfigError(f"sft.data={path}: expected a .jsonl or .parquet file")
-    rows = list(datasets.load_dataset("json" if p.suffix == ".jsonl" else "parquet", data_files=str(p),
-                                      split="train"))
-    for i, row in enumerate(rows, 1):
-        missing = [k for k in ("id", "question", "gold", "text") if not row.get(k)]
-        if missing:
-            raise ConfigError(f"{p}:{i}: missing field(s) {', '.join(missing)}")
+    fields = ("id", "question", "gold", "text")
+    if p.suffix == ".jsonl":
+        rows = read_jsonl(p, check=partial(_empty_fields, fields))
+    else:
+        rows = list(datasets.load_dataset("parquet", data_files=str(p), split="train"))
+        for i, row in enumerate(rows, 1):
+            if problem := _empty_fields(fields, row):
+                raise ConfigError(f"{p}:row {i}: {problem}")
     if not rows:
         raise ConfigError(f"sft.data={path}: the dataset is empty (did the filters drop everything?)")
     return rows
@@ -141,21 +163,34 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     learner = LearnerActor.options(num_cpus=0, num_gpus=cfg.learner.gpus).remote(
         cfg, model_path, master_port=free_port())
     out(f"[rlkd] learner precision: {ray.get(learner.precision.remote())}")
-    rollouts = [RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
-        model_path, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
-        enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        use_gpu=cfg.rollout.gpus_per_actor > 0, seed=cfg.run.seed)] if eval_acc else []
+    rollouts = [rollout_actor(cfg, model_path)] if eval_acc else []
     # Same-node CPU actors read the learner's export from shared memory.
     actors = Actors(learner, rollouts, "bytes" if cfg.ray.address else "shm", [learner])
     tracker = Tracker(run_dir)
     eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     pack_len = s.max_seq_len if s.packing else 0
     metrics: dict[str, float] = {}
-    step = 0
+    progress = Progress()
     bar = tqdm(plan, desc="sft", unit="step", dynamic_ncols=True, file=terminal())
-    try:
+
+    def checkpoint() -> str:
+        path = save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints)
+        progress.saved = progress.done
+        return path
+
+    def cleanup() -> None:
+        close_quietly(bar)
+        tracker.close()
+        plot_curves(run_dir / "metrics.jsonl", ["train/loss", "eval/heldout_nll"], run_dir / "loss.png",
+                    "SFT loss (token-mean NLL)")
+        plot_curves(run_dir / "metrics.jsonl", ["eval/accuracy"], run_dir / "accuracy.png", "SFT held-out accuracy")
+        shutdown([learner], rollouts)
+
+    # SFT checkpoints are weights to start from, not resumable states: Ctrl-C saves the step in
+    # flight too (the learner finishes an update it was sent).
+    with training_tail(progress, run_dir, checkpoint, resumable=False, cleanup=cleanup):
         for step, idx in enumerate(bar, 1):
+            progress.step = progress.done = step
             start = time.perf_counter()
             metrics = ray.get(learner.sft_step.remote(data.select(idx), pack_len))
             metrics["time/step"] = time.perf_counter() - start
@@ -168,25 +203,11 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                     _, m = score(partial(generate_sharded, rollouts), tokenizer, eval_set, cfg.data, eval_spec)
                     metrics.update({f"eval/{k}": v for k, v in m.items()})
             if t.save_every and step % t.save_every == 0:
-                save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+                checkpoint()
             tracker.log(step, metrics)
             bar.set_postfix({k: f"{metrics[v]:.3g}" for k, v in
                              {"loss": "train/loss", "heldout": "eval/heldout_nll", "acc": "eval/accuracy",
                               "s/step": "time/step"}.items() if v in metrics})
-        path = save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+        path = checkpoint()
         out(f"sft checkpoint: {path}\n  next: python -m rlkd.train recipe=grpo_gsm8k model.name={path}")
-    except (RayActorError, OutOfMemoryError) as e:
-        raise actor_died(e, step, run_dir) from e
-    except KeyboardInterrupt:
-        if step:
-            say(f"rlkd: interrupted at step {step}: saving a checkpoint before exiting")
-            save_on_interrupt(partial(save_checkpoint, actors, run_dir, step, t.keep_checkpoints))
-        raise interrupted(step, step, run_dir, resumable=False) from None
-    finally:
-        close_quietly(bar)
-        tracker.close()
-        plot_curves(run_dir / "metrics.jsonl", ["train/loss", "eval/heldout_nll"], run_dir / "loss.png",
-                    "SFT loss (token-mean NLL)")
-        plot_curves(run_dir / "metrics.jsonl", ["eval/accuracy"], run_dir / "accuracy.png", "SFT held-out accuracy")
-        shutdown([learner], rollouts)
     return metrics

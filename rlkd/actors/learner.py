@@ -10,7 +10,6 @@ import tempfile
 import time
 import uuid
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import deepspeed
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import save, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlkd.actors.weight_source import ExportSource, exported
 from rlkd.config import REPO_ROOT, Config
 from rlkd.hardware import resolve_learner_dtype, rollout_dtype
 from rlkd.lora import ADAPTER_DIR, apply_lora
@@ -33,28 +33,11 @@ from rlkd.packing import (
     plan_micro_batches,
     score_micro_batch,
 )
-from rlkd.rollout import WeightUpdate
-from rlkd.weight_source import ExportSource, exported
+from rlkd.types import TrainBatch, WeightUpdate
 
 DS_TAG = "deepspeed"  # DeepSpeed's folder inside a checkpoint: optimizer and scheduler state
 TRAINER_STATE = "trainer_state.pt"  # present only in checkpoints that can be resumed
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class TrainBatch:
-    """One rollout batch, rows aligned: completion i continues prompt i."""
-
-    prompt_ids: list[list[int]]  # [N] ragged
-    completion_ids: list[list[int]]  # [N] ragged
-    rollout_logprobs: list[list[float]]  # [N] ragged, vLLM's sampling logprobs
-    advantages: list[float]  # [N]
-
-    def __len__(self) -> int:
-        return len(self.completion_ids)
-
-    def select(self, idx: list[int]) -> TrainBatch:
-        return TrainBatch(*([field[i] for i in idx] for field in vars(self).values()))
 
 
 def deepspeed_config(cfg: Config, micro_batches_per_step: int, bf16: bool) -> dict:

@@ -24,36 +24,36 @@ from pathlib import Path
 
 import ray
 import torch
-from ray.exceptions import OutOfMemoryError, RayActorError
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rewards import compute_rewards, load_reward
-from rlkd.config import Config
-from rlkd.config_distill import DistillObjective, StudentInit
-from rlkd.console import close_quietly, out, say, terminal
-from rlkd.data import Example, PromptSampler, build_prompt, encode_prompt, gold_text, load_split
-from rlkd.distill_learner import DistillBatch, DistillLearnerActor, needs_learner_teachers
-from rlkd.eval import score
-from rlkd.grpo import (
+from rlkd.actors.cluster import (
     free_port,
     init_ray,
-    reward_name,
     save_checkpoint,
     start_actors,
     stop_actors,
     sync_weights,
+    teacher_actor,
 )
-from rlkd.hardware import rollout_dtype
+from rlkd.actors.distill_learner import DistillLearnerActor, needs_learner_teachers
+from rlkd.actors.recovery import Progress, shutdown, training_tail
+from rlkd.actors.rollout import generate_sharded
+from rlkd.actors.teacher import shared_vocab_size
+from rlkd.config import Config
+from rlkd.config_distill import DistillObjective, StudentInit
+from rlkd.console import close_quietly, out, terminal
+from rlkd.data import PromptSampler, build_prompt, encode_prompt, gold_text, load_split
 from rlkd.lora import check_lora
 from rlkd.losses import BASELINES, group_advantages
 from rlkd.models import count_parameters, resolve_model
+from rlkd.preflight import reward_name
 from rlkd.prune import prune
-from rlkd.recovery import actor_died, interrupted, save_on_interrupt, shutdown
-from rlkd.rollout import SamplingSpec, generate_sharded
-from rlkd.sampling import repeat_each, reward_columns
-from rlkd.teacher import TeacherActor, shared_vocab_size
+from rlkd.sampling import repeat_each, reward_columns, reward_metrics
+from rlkd.scoring import score
 from rlkd.tracking import Timer, Tracker, plot_curves
+from rlkd.types import DistillBatch, Example, SamplingSpec
 
 
 def build_student(cfg: Config, run_dir: Path, teacher_path: str) -> str:
@@ -107,13 +107,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         cfg, student_path, teacher_paths, vocab_size, master_port=free_port())
     actors = start_actors(cfg, student_path, learner=learner)
     # Sampled-token scoring goes to vLLM teacher actors unless the learner holds the teachers.
-    teachers = [] if needs_learner_teachers(cfg) else [
-        TeacherActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
-            path, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
-            enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
-            use_gpu=cfg.rollout.gpus_per_actor > 0,
-            gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
-        for path in teacher_paths]
+    teachers = [] if needs_learner_teachers(cfg) else [teacher_actor(cfg, p) for p in teacher_paths]
     ray.get([a.ready.remote() for a in teachers])
 
     def teacher_logprobs(prompt_ids, completion_ids) -> list[list[list[float]]]:  # [K][N]
@@ -142,11 +136,27 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     N = g.prompts_per_step * g.group_size
     metrics: dict[str, float] = {}
-    step = 0
+    progress = Progress()
     bar = tqdm(range(1, t.max_steps + 1), desc=d.objective.value, unit="step", dynamic_ncols=True, file=terminal())
-    try:
+
+    def checkpoint() -> None:
+        save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints)
+        progress.saved = progress.done
+
+    def cleanup() -> None:
+        close_quietly(bar)
+        tracker.close()
+        plot_curves(run_dir / "metrics.jsonl", ["eval/reverse_kl", "train/single_step_kl", "train/jsd",
+                                                "train/forward_kl", "eval/accuracy"],
+                    run_dir / "distill.png", f"{d.objective.value}: student vs teacher")
+        stop_actors(actors)
+        shutdown([], teachers)
+
+    # As SFT: checkpoints are weights to start from, and Ctrl-C saves the step in flight.
+    with training_tail(progress, run_dir, checkpoint, resumable=False, cleanup=cleanup):
         tracker.log(0, {**sizes, **(held_out_metrics() if t.eval_every else {})})
         for step in bar:
+            progress.step = progress.done = step
             timer, start = Timer(), time.perf_counter()
             on_policy = d.objective != DistillObjective.gkd or coin.random() < d.lmbda
             examples = sampler.next(g.prompts_per_step if on_policy else N)
@@ -166,17 +176,14 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                     prompt_ids, completion_ids = repeat_each(gen.prompt_ids, g.group_size), gen.completion_ids
             if on_policy:
                 with timer("reward"):
-                    rewards_N, per_fn, _ = compute_rewards(
+                    rewards_N, per_fn, errors = compute_rewards(
                         reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
                         **reward_columns(examples, prompts, g.group_size, gen.truncated,
                                          [len(c) for c in gen.completion_ids]))
                     if d.task_coef:
                         advantages = group_advantages(torch.tensor(rewards_N), g.group_size, scale=g.adv_scale.value,
                                                       baseline=BASELINES[g.adv_estimator.value])[0].tolist()
-                metrics_extra = {"reward/total_mean": sum(rewards_N) / len(rewards_N)}
-                for name, values in per_fn.items():
-                    finite = [v for v in values if v == v]
-                    metrics_extra[f"reward/{name}"] = sum(finite) / max(len(finite), 1)
+                metrics_extra = reward_metrics(reward_fns, gen.texts, rewards_N, per_fn, errors)
             else:
                 metrics_extra = {}
             with timer("teacher"):
@@ -203,25 +210,10 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                 metrics.update(held_out_metrics())
             if t.save_every and step % t.save_every == 0:
-                save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
+                checkpoint()
             tracker.log(step, metrics)
             bar.set_postfix({k: f"{metrics[v]:.3g}" for k, v in
                              {"loss": "train/loss", "kl": "eval/reverse_kl", "s/step": "time/step"}.items()
                              if v in metrics})
-        save_checkpoint(actors, run_dir, step, t.keep_checkpoints)
-    except (RayActorError, OutOfMemoryError) as e:
-        raise actor_died(e, step, run_dir) from e
-    except KeyboardInterrupt:
-        if step:
-            say(f"rlkd: interrupted at step {step}: saving a checkpoint before exiting")
-            save_on_interrupt(partial(save_checkpoint, actors, run_dir, step, t.keep_checkpoints))
-        raise interrupted(step, step, run_dir, resumable=False) from None
-    finally:
-        close_quietly(bar)
-        tracker.close()
-        plot_curves(run_dir / "metrics.jsonl", ["eval/reverse_kl", "train/single_step_kl", "train/jsd",
-                                                "train/forward_kl", "eval/accuracy"],
-                    run_dir / "distill.png", f"{d.objective.value}: student vs teacher")
-        stop_actors(actors)
-        shutdown([], teachers)
+        checkpoint()
     return metrics

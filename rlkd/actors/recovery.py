@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,8 +32,9 @@ from ray.exceptions import (
     RayTaskError,
 )
 
-from rlkd.config import Interrupted, RunStopped, TrainerConfig
+from rlkd.config import TrainerConfig
 from rlkd.console import one_line, say
+from rlkd.errors import Interrupted, RunStopped
 from rlkd.resume import checkpoint_step, complete_checkpoints
 
 logger = logging.getLogger("rlkd.recovery")
@@ -150,6 +153,39 @@ def save_on_interrupt(save: Callable[[], T]) -> T:
         return save()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class Progress:
+    """Where a training loop stands: the step in flight, the last one finished, the last saved."""
+
+    step: int = 0
+    done: int = 0
+    saved: int = 0
+
+
+@contextmanager
+def training_tail(progress: Progress, run_dir: Path, save: Callable[[], object], *, resumable: bool,
+                  cleanup: Callable[[], None], died: Callable[..., RunStopped] | None = None,
+                  can_save: Callable[[], bool] = lambda: True) -> Iterator[Progress]:
+    """The one except/interrupt/finally tail of every training loop (grpo, sft, distill).
+
+    A dead actor ends the run with `died`'s one line (default `actor_died`). Ctrl-C saves the
+    last finished step when it is not saved yet and `can_save()` (GRPO: the learner holds exactly
+    that step's weights), with further Ctrl-Cs answered, then ends with `interrupted`'s one line.
+    `save` must set `progress.saved`. `cleanup` runs whatever happened.
+    """
+    try:
+        yield progress
+    except (RayActorError, OutOfMemoryError) as e:
+        raise (died or actor_died)(e, progress.step, run_dir) from e
+    except KeyboardInterrupt:
+        if progress.saved < progress.done and can_save():
+            say(f"rlkd: interrupted after step {progress.done}: saving a checkpoint before exiting")
+            save_on_interrupt(save)
+        raise interrupted(progress.step, progress.saved, run_dir, resumable=resumable) from None
+    finally:
+        cleanup()
 
 
 def interrupted(step: int, saved: int, run_dir: Path, resumable: bool) -> Interrupted:

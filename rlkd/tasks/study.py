@@ -36,12 +36,13 @@ from datetime import datetime
 from pathlib import Path
 
 from rlkd.compose import changes, hydra_value, load_config
-from rlkd.config import Config, ConfigError, RunStopped
+from rlkd.config import Config
 from rlkd.config_distill import StudyConfig, StudyScale
 from rlkd.config_distill import StudyVariant as V
 from rlkd.console import out, say
+from rlkd.errors import ConfigError, RunStopped
 from rlkd.hardware import rollout_dtype
-from rlkd.study_report import Row, write_report
+from rlkd.tasks.study_report import Row, write_report
 
 VARIANTS: dict[V, str] = {
     V.no_kd: "the student as initialised, no training (no KD)",

@@ -9,12 +9,12 @@ micro-batches with shared prompts (`rlkd.packing`), like the GRPO learner's.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlkd.actors.learner import Learner
 from rlkd.config import Config
 from rlkd.config_distill import DistillObjective, TeacherWeighting
 from rlkd.distill_losses import (
@@ -28,7 +28,6 @@ from rlkd.distill_losses import (
     teacher_mixed_weights,
     whiten,
 )
-from rlkd.learner import Learner
 from rlkd.losses import selective_log_softmax, sft_loss
 from rlkd.packing import (
     MicroBatch,
@@ -37,27 +36,7 @@ from rlkd.packing import (
     micro_batch_logits,
     plan_micro_batches,
 )
-from rlkd.rollout import Generation
-
-
-@dataclass
-class DistillBatch:
-    """One distillation batch, rows aligned: completion i continues prompt i."""
-
-    prompt_ids: list[list[int]]  # [N] ragged
-    completion_ids: list[list[int]]  # [N] ragged: student samples, or reference solutions
-    # [K][N] ragged: log p_k of each completion token, from vLLM teacher actors; [] when the
-    # learner holds the teachers and reads them off its own teacher forward.
-    teacher_logprobs: list[list[list[float]]]
-    task_advantages: list[float]  # [N]: group advantages of rewards.funcs (0 when unused)
-    sft_prompt_ids: list[list[int]] = field(default_factory=list)  # [N] or []: LM-term data
-    sft_completion_ids: list[list[int]] = field(default_factory=list)
-    # [N] ragged: the sampler's log q_S of each completion token (vLLM, or the learner's mixed
-    # sampler); MiniLLM's reward and importance weights read it. [] for reference solutions.
-    student_logprobs: list[list[float]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.completion_ids)
+from rlkd.types import DistillBatch, Generation
 
 
 def needs_learner_teachers(cfg: Config) -> bool:

@@ -27,15 +27,16 @@ import ray
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rlkd.config import Config, ConfigError, PromptMode
+from rlkd.actors.cluster import init_ray, rollout_actor
+from rlkd.actors.recovery import shutdown
+from rlkd.actors.rollout import generate_sharded
+from rlkd.config import Config, PromptMode
 from rlkd.console import out, terminal
-from rlkd.data import Example, build_prompt, gold_text, load_split
+from rlkd.data import build_prompt, gold_text, load_split, read_jsonl
+from rlkd.errors import ConfigError
 from rlkd.filters import apply_filters, report_markdown
-from rlkd.grpo import init_ray
-from rlkd.hardware import rollout_dtype
 from rlkd.models import resolve_model
-from rlkd.recovery import shutdown
-from rlkd.rollout import RolloutActor, SamplingSpec, generate_sharded
+from rlkd.types import Example, SamplingSpec
 
 _ANSWER_LINE_END_RE = re.compile(r"####[ \t]*[^\n]*\d[^\n]*")
 
@@ -129,19 +130,8 @@ def read_samples(path: str) -> list[dict]:
         p = p / "samples.jsonl"
     if not p.is_file():
         raise ConfigError(f"cot.samples={path}: no such file")
-    rows = []
-    for lineno, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-        missing = [k for k in ("id", "gold", "text", "num_tokens") if k not in row]
-        if missing:
-            raise ConfigError(f"{p}:{lineno}: missing field(s) {', '.join(missing)}")
-        rows.append({k: v for k, v in row.items() if k in SAMPLE_FIELDS})
-    return rows
+    rows = read_jsonl(p, required=("id", "gold", "text", "num_tokens"))
+    return [{k: v for k, v in row.items() if k in SAMPLE_FIELDS} for row in rows]
 
 
 def plot_lengths(samples: list[dict], out: Path) -> Path:
@@ -196,15 +186,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             samples = gold_samples(examples, tokenizer, cfg)
         else:
             init_ray(cfg)
-            rollouts = [
-                RolloutActor.options(num_cpus=0, num_gpus=cfg.rollout.gpus_per_actor).remote(
-                    teacher, max_model_len=cfg.model.max_model_len, dtype=rollout_dtype(cfg),
-                    enforce_eager=cfg.rollout.enforce_eager, kv_cache_gb=cfg.rollout.kv_cache_gb,
-                    gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                    use_gpu=cfg.rollout.gpus_per_actor > 0, seed=cfg.run.seed + i,
-                    logprobs_mode="raw_logprobs")
-                for i in range(cfg.rollout.num_actors)
-            ]
+            rollouts = [rollout_actor(cfg, teacher, i, logprobs_mode="raw_logprobs")
+                        for i in range(cfg.rollout.num_actors)]
             try:
                 ray.get([r.ready.remote() for r in rollouts])
                 samples, throughput = generate_samples(cfg, tokenizer, examples, rollouts)

@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import psutil
 import ray
@@ -41,22 +41,7 @@ from vllm.distributed.weight_transfer.base import (  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from rlkd.data import encode_prompt  # noqa: E402
-
-
-@dataclass
-class SamplingSpec:
-    n: int = 1
-    """Completions per prompt."""
-    max_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    """Per-call seed. Prompt j of the call gets its own stream, `prompt_seed(seed, j)`, and vLLM
-    gives its i-th sample that seed + i: a call is reproducible, no two prompts (or steps) share a
-    stream, and sharding over actors changes nothing."""
-    first_prompt: int = 0
-    """Index of this call's first prompt in the whole batch (set by `generate_sharded`)."""
-
+from rlkd.types import Generation, SamplingSpec, WeightUpdate  # noqa: E402
 
 SEED_BITS = 48  # streams seed + i of two prompts overlap with probability ~ 2n / 2**48
 
@@ -68,45 +53,6 @@ def prompt_seed(call_seed: int, index: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
     return (x ^ (x >> 31)) >> (64 - SEED_BITS)
-
-
-@dataclass
-class Generation:
-    """Completions of one `generate` call, prompt-major: prompt p's samples are [p*n, (p+1)*n)."""
-
-    prompt_ids: list[list[int]]  # [P] ragged
-    completion_ids: list[list[int]]  # [P*n] ragged
-    logprobs: list[list[float]]  # [P*n] ragged: sampling logprob of each completion token
-    texts: list[str]  # [P*n]
-    truncated: list[bool]  # [P*n]: hit max_tokens before EOS
-    seconds: float = 0.0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(ids) for ids in self.completion_ids)
-
-    @staticmethod
-    def concat(parts: list[Generation]) -> Generation:
-        """Gather shards in order; seconds is the slowest shard (they ran in parallel)."""
-        return Generation(
-            prompt_ids=[x for g in parts for x in g.prompt_ids],
-            completion_ids=[x for g in parts for x in g.completion_ids],
-            logprobs=[x for g in parts for x in g.logprobs],
-            texts=[x for g in parts for x in g.texts],
-            truncated=[x for g in parts for x in g.truncated],
-            seconds=max((g.seconds for g in parts), default=0.0),
-        )
-
-
-@dataclass
-class WeightUpdate:
-    """New policy weights for the CPU transports; exactly one of path/blob is set."""
-
-    version: int
-    path: str | None = None
-    """safetensors file on shared memory of the rollout actor's node."""
-    blob: bytes | None = field(default=None, repr=False)
-    """safetensors bytes, for actors on other nodes."""
 
 
 def _load_weights_in_worker(worker, path: str | None, blob: bytes | None) -> int:

@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 from transformers import AutoConfig, AutoTokenizer
 
-from rlkd.config import InputError
+from rlkd.errors import InputError
 
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")

@@ -1,0 +1,129 @@
+"""Scoring a model's answers: greedy (or sampled) completions graded by the one answer parser,
+with accuracy and its Wilson interval, length, throughput and peak memory. Every task that
+measures accuracy (eval, the periodic held-out evals of grpo, sft and distill, quantize) calls
+`score` with its own `generate` (a vLLM actor, an in-process engine, or transformers), and
+writes the same `predictions.jsonl` / `metrics.json` through `write_results`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+from rlkd.answer import answers_match, extract_answer
+from rlkd.config import DataConfig
+from rlkd.console import out, terminal
+from rlkd.data import build_prompt
+from rlkd.stats import mean_ci, wilson_interval
+from rlkd.types import Example, Generation, SamplingSpec
+
+Generate = Callable[[list[str], SamplingSpec], Generation]
+
+
+def score(generate: Generate, tokenizer, examples: list[Example], data: DataConfig,
+          spec: SamplingSpec, chunk: int = 128) -> tuple[list[dict], dict[str, float]]:
+    """Generate one completion per question and grade it; returns (predictions, metrics)."""
+    prompts = [build_prompt(tokenizer, ex.question, data) for ex in examples]
+    parts = []
+    # Chunks only drive the progress bar: 64 concurrent sequences already saturate a CPU engine.
+    with tqdm(total=len(prompts), desc="eval", unit="q", dynamic_ncols=True, file=terminal(), disable=len(prompts) <= chunk) as bar:
+        for start in range(0, len(prompts), chunk):
+            parts.append(generate(prompts[start:start + chunk], replace(spec, first_prompt=start)))
+            bar.update(len(parts[-1].prompt_ids))
+            done = sum(g.num_tokens for g in parts) / max(sum(g.seconds for g in parts), 1e-9)
+            bar.set_postfix(tok_s=f"{done:.0f}")
+    gen = Generation.concat(parts)
+    gen.seconds = sum(g.seconds for g in parts)  # chunks ran one after another
+    predictions = []
+    for ex, text, ids, cut in zip(examples, gen.texts, gen.completion_ids, gen.truncated, strict=True):
+        parsed = extract_answer(text)
+        predictions.append({
+            "id": ex.id, "question": ex.question, "gold": ex.answer, "completion": text,
+            "parsed": parsed, "correct": answers_match(parsed, ex.answer),
+            "num_tokens": len(ids), "truncated": cut,
+        })
+    n, k = len(predictions), sum(p["correct"] for p in predictions)
+    lo, hi = wilson_interval(k, n)
+    lengths = [p["num_tokens"] for p in predictions]
+    metrics = {
+        "accuracy": k / max(n, 1), "accuracy_ci_low": lo, "accuracy_ci_high": hi,
+        "num_samples": n, "num_correct": k,
+        "mean_completion_tokens": sum(lengths) / max(n, 1),
+        "truncated_frac": sum(p["truncated"] for p in predictions) / max(n, 1),
+        "generate_seconds": gen.seconds,
+        "tokens_per_s": gen.num_tokens / max(gen.seconds, 1e-9),
+        # Batched generation: wall time per question at this batch size, not single-request latency.
+        "latency_per_sample_s": gen.seconds / max(n, 1),
+    }
+    if n > 1:
+        _, metrics["completion_tokens_ci_low"], metrics["completion_tokens_ci_high"] = mean_ci(lengths)
+    return predictions, metrics
+
+
+class PeakMemory:
+    """Samples the RSS of this process plus its children (vLLM's engine runs in one)."""
+
+    def __init__(self, interval_s: float = 0.2):
+        self.peak, self.interval_s = 0, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        total = me.memory_info().rss
+        for child in me.children(recursive=True):
+            try:
+                total += child.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def write_results(run_dir: Path, model_path, predictions: list[dict], metrics: dict) -> None:
+    """predictions.jsonl and metrics.json: what eval.compare and the study report read."""
+    with (run_dir / "predictions.jsonl").open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    (run_dir / "metrics.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2))
+
+
+def print_summary(model: str, split: str, metrics: dict, run_dir: Path, title: str) -> None:
+    """The evaluation's headline numbers, as every engine prints them."""
+    print_table([
+        ("model", model),
+        ("split", f"{split} ({metrics['num_samples']} questions)"),
+        ("accuracy", f"{metrics['accuracy']:.3f}  95% CI [{metrics['accuracy_ci_low']:.3f}, "
+                     f"{metrics['accuracy_ci_high']:.3f}]"),
+        ("mean completion tokens", f"{metrics['mean_completion_tokens']:.1f}"),
+        ("tokens/s", f"{metrics['tokens_per_s']:.0f}"),
+        ("latency per sample", f"{metrics['latency_per_sample_s']:.3f} s (batched)"),
+        ("peak memory", f"{metrics['peak_memory_gb']:.2f} GiB"),
+        ("parameters", f"{metrics['parameters'] / 1e6:.1f} M"),
+        ("run dir", str(run_dir)),
+    ], title)
+
+
+def print_table(rows: list[tuple[str, str]], title: str) -> None:
+    width = max(len(k) for k, _ in rows)
+    out(f"\n{title}")
+    for k, v in rows:
+        out(f"  {k:<{width}}  {v}")

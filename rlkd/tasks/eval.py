@@ -1,0 +1,100 @@
+"""GSM8K evaluation and paired comparison.
+
+    python -m rlkd.eval model.name=smollm2-135m-instruct
+    python -m rlkd.eval eval.compare=[runs/a/predictions.jsonl,runs/b/predictions.jsonl]
+
+Generation runs on vLLM in this process (no Ray needed); scoring uses the same answer parser as
+the GSM8K reward, so a "correct" here is a reward of 1 in training.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from rlkd.actors.cluster import engine_kwargs
+from rlkd.actors.rollout import RolloutWorker
+from rlkd.compose import from_cli
+from rlkd.config import Config
+from rlkd.data import load_split, read_jsonl, split_held_out
+from rlkd.errors import ConfigError, InputError
+from rlkd.models import count_parameters, resolve_model
+from rlkd.preflight import check_context, check_prompt_lengths
+from rlkd.scoring import PeakMemory, print_summary, print_table, score, write_results
+from rlkd.stats import mcnemar_exact
+from rlkd.tracking import make_run_dir
+from rlkd.types import SamplingSpec
+
+
+def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
+    """Evaluate cfg.model.name on cfg.data.split; writes metrics.json and predictions.jsonl."""
+    if cfg.eval.compare:
+        return compare(*cfg.eval.compare, out=run_dir / "comparison.json")
+    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir or None)
+    check_context(str(model_path), cfg.model.max_model_len)
+    examples = load_split(cfg.data, cfg.data.split)
+    if cfg.data.held_out:  # the slice a training run held out of this split
+        examples = split_held_out(cfg.data, examples)[1]
+    examples = examples[:cfg.eval.num_samples] if cfg.eval.num_samples > 0 else examples
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    check_prompt_lengths(tokenizer, examples, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
+    spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens,
+                        temperature=cfg.eval.temperature, seed=cfg.run.seed)
+    start = time.perf_counter()
+    with PeakMemory() as mem:
+        worker = RolloutWorker(str(model_path), **engine_kwargs(cfg, seed=cfg.run.seed))
+        predictions, metrics = score(worker.generate, tokenizer, examples, cfg.data, spec)
+    metrics.update(
+        parameters=count_parameters(model_path), peak_memory_gb=mem.peak / 2**30,
+        engine_startup_s=worker.startup_seconds, wall_s=time.perf_counter() - start,
+    )
+    write_results(run_dir, model_path, predictions, metrics)
+    print_summary(cfg.model.name, cfg.data.split, metrics, run_dir, "GSM8K evaluation")
+    return metrics
+
+
+def _prediction_problem(row: dict) -> str | None:
+    if isinstance(row.get("id"), str | int) and isinstance(row.get("correct"), bool):
+        return None
+    return "not a predictions row (needs an 'id' and a boolean 'correct')"
+
+
+def _read_predictions(path: str) -> dict[str, bool]:
+    return {str(row["id"]): row["correct"] for row in read_jsonl(path, check=_prediction_problem)}
+
+
+def compare(path_a: str, path_b: str, out: Path | None = None) -> dict[str, float]:
+    """Paired McNemar exact test over the questions both prediction files answered."""
+    for p in (path_a, path_b):
+        if not Path(p).exists():
+            raise ConfigError(f"eval.compare: no such predictions file '{p}'")
+    a, b = _read_predictions(path_a), _read_predictions(path_b)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise ConfigError(f"eval.compare: '{path_a}' and '{path_b}' share no question ids")
+    test = mcnemar_exact([a[i] for i in shared], [b[i] for i in shared])
+    result = {
+        "n": len(shared), "accuracy_a": sum(a[i] for i in shared) / len(shared),
+        "accuracy_b": sum(b[i] for i in shared) / len(shared), **test,
+    }
+    print_table([
+        ("A", path_a), ("B", path_b), ("paired questions", str(len(shared))),
+        ("accuracy A / B", f"{result['accuracy_a']:.3f} / {result['accuracy_b']:.3f}"),
+        ("A wrong, B right", str(test["b01"])), ("A right, B wrong", str(test["b10"])),
+        ("McNemar exact p", f"{test['p_value']:.4g}"),
+    ], "Paired comparison")
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str]) -> None:
+    cfg, recipe = from_cli(argv, "eval_gsm8k", forced=("task=eval",))
+    try:
+        evaluate(cfg, make_run_dir(cfg, recipe))
+    except InputError as e:
+        raise SystemExit(f"rlkd: error: {e}") from None
+

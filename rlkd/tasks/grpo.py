@@ -1,0 +1,194 @@
+"""GRPO driver. The loop is the algorithm; Ray, vLLM and DeepSpeed live in the actor modules.
+
+    for each step:
+        sample prompts -> generate G completions each (vLLM rollout actors)
+        -> rewards -> group advantages -> learner update (DeepSpeed) -> weight sync
+        -> log, periodic eval on held-out questions, checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from rlkd.actors.cluster import (
+    Actors,
+    call_learners,
+    init_ray,
+    save_checkpoint,
+    start_actors,
+    stop_actors,
+    sync_weights,
+)
+from rlkd.actors.recovery import (
+    Progress,
+    RolloutGuard,
+    SignalGuard,
+    SignalLostError,
+    count_bad_steps,
+    learner_died,
+    training_tail,
+)
+from rlkd.actors.rollout import generate_sharded
+from rlkd.config import Config, Overlong
+from rlkd.console import close_quietly, out, terminal
+from rlkd.data import PromptSampler
+from rlkd.losses import BASELINES, group_advantages
+from rlkd.preflight import load_inputs, reward_name
+from rlkd.resume import (
+    checkpoint_step,
+    driver_state,
+    restore_driver_state,
+    resume_checkpoint,
+    truncate_metrics,
+)
+from rlkd.sampling import repeat_each, sample_step
+from rlkd.scoring import score, write_results
+from rlkd.tracking import Timer, Tracker, plot_curves
+from rlkd.types import SamplingSpec, TrainBatch
+
+
+def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str, float]:
+    """Run GRPO; returns the last step's metrics. Given `actors`, trains them and leaves them
+    running; otherwise starts its own and stops them at the end."""
+    g, t = cfg.grpo, cfg.trainer
+    inputs = load_inputs(cfg)
+    tokenizer, eval_set = inputs.tokenizer, inputs.eval_set
+    reward_fns, reward_weights = inputs.reward_fns, inputs.reward_weights
+    resume_from = resume_checkpoint(cfg, run_dir)
+    start_step = checkpoint_step(resume_from) if resume_from else 0
+    if start_step >= t.max_steps:
+        out(f"rlkd: {resume_from} is at step {start_step}, trainer.max_steps={t.max_steps}: "
+              "nothing left to train")
+        return {}
+
+    own_actors = actors is None
+    if own_actors:
+        init_ray(cfg)
+        actors = start_actors(cfg, inputs.model_path)
+    sampler = PromptSampler(inputs.train_set, cfg.run.seed)
+    bad_steps = 0
+    guard = RolloutGuard(actors.learner, actors.rollouts, partial(sync_weights, actors),
+                         cfg.rollout.max_restarts)
+    truncate_metrics(run_dir / "metrics.jsonl", start_step)
+    tracker = Tracker(run_dir, purge_step=start_step + 1)
+    spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    def generate(prompts, spec):
+        return guard("generate", partial(generate_sharded, actors.rollouts, prompts, spec))
+
+    signal_guard = SignalGuard(t, reward_fns)
+    eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+    metrics: dict[str, float] = {}
+    progress = Progress(start_step, start_step, start_step)
+    done_state = None
+
+    def held_out(step: int) -> dict[str, float]:
+        """Greedy accuracy on the eval set; its predictions go to eval/step-N/ for eval.compare."""
+        preds, m = guard("eval", partial(score, partial(generate_sharded, actors.rollouts), tokenizer,
+                                         eval_set, cfg.data, eval_spec))
+        eval_dir = run_dir / "eval" / f"step-{step}"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        write_results(eval_dir, f"step {step}", preds, m)
+        return {f"eval/{k}": v for k, v in m.items()}
+
+    def checkpoint() -> None:
+        save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints, done_state)
+        progress.saved = progress.done
+
+    def cleanup() -> None:
+        close_quietly(bar)
+        tracker.close()
+        _plots(run_dir, cfg)
+        if own_actors:
+            stop_actors(actors)
+
+    bar = tqdm(range(start_step + 1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True, file=terminal(),
+               initial=start_step, total=t.max_steps)
+    # An update already sent to the learner finishes there on Ctrl-C: then its weights are one
+    # step past `done` and no checkpoint of them can be resumed exactly.
+    tail = training_tail(progress, run_dir, checkpoint, resumable=t.save_state, cleanup=cleanup,
+                         died=learner_died,
+                         can_save=lambda: ray.get(actors.learner.steps_done.remote()) == progress.done)
+    with tail:
+        if resume_from:
+            state = call_learners(actors, "load_checkpoint", str(resume_from))
+            _, bad_steps = restore_driver_state(state, sampler)
+            sync_weights(actors)
+            bar.write(f"rlkd: resumed from {resume_from}")
+        elif t.eval_every:  # the untrained policy, so the curve and eval/ start from it
+            tracker.log(0, held_out(0))
+        for step in bar:
+            progress.step = step
+            timer, start = Timer(), time.perf_counter()
+            with timer("generate"):
+                ro = sample_step(cfg, sampler, tokenizer, generate, reward_fns, reward_weights, spec, step)
+            with timer("reward"):
+                advantages_N, adv_metrics = group_advantages(
+                    torch.tensor(ro.rewards_N), g.group_size, scale=g.adv_scale.value,
+                    baseline=BASELINES[g.adv_estimator.value])
+            gen = ro.gen
+            # Overlong filtering: a cut-off completion keeps its place (ranks shard by position)
+            # but no tokens, so no loss term and no share of any denominator.
+            masked = [g.overlong == Overlong.mask and cut for cut in gen.truncated]
+            batch = TrainBatch(
+                prompt_ids=repeat_each(gen.prompt_ids, g.group_size),
+                completion_ids=[[] if m else c for c, m in zip(gen.completion_ids, masked, strict=True)],
+                rollout_logprobs=[[] if m else lp for lp, m in zip(gen.logprobs, masked, strict=True)],
+                advantages=advantages_N.tolist(),
+            )
+            with timer("train"):
+                metrics = call_learners(actors, "train_step", batch)
+            bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
+            with timer("sync"):
+                guard("weight sync", partial(sync_weights, actors))
+
+            lengths = [len(c) for c in gen.completion_ids]
+            metrics.update(timer.metrics())
+            metrics.update(ro.metrics)
+            metrics["rollout/failures"] = guard.failures
+            metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
+            metrics.update({
+                "completion/mean_tokens": sum(lengths) / len(lengths),
+                "completion/truncated_frac": sum(gen.truncated) / len(gen.truncated),
+                "rollout/tokens_per_s": ro.metrics["sampling/tokens_generated"] / max(gen.seconds, 1e-9),
+                "time/step": time.perf_counter() - start,
+            })
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                metrics.update(held_out(step))
+            progress.done = step
+            done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
+            if t.save_every and step % t.save_every == 0:
+                checkpoint()
+            tracker.log(step, metrics)
+            bar.set_postfix(_postfix(metrics))
+            stop = signal_guard.check(step, metrics)
+            if stop:
+                if progress.saved < progress.done:
+                    checkpoint()
+                raise SignalLostError(f"{stop}; checkpoint-{progress.saved} in {run_dir} holds step "
+                                      f"{progress.saved}")
+        if progress.saved < progress.done:
+            checkpoint()
+    return metrics
+
+
+def _postfix(m: dict[str, float]) -> dict[str, str]:
+    keys = {"reward": "reward/total_mean", "acc": "reward/gsm8k_correct", "len": "completion/mean_tokens",
+            "kl": "train/kl", "s/step": "time/step", "eval": "eval/accuracy"}
+    return {k: f"{m[v]:.3g}" for k, v in keys.items() if v in m}
+
+
+def _plots(run_dir: Path, cfg: Config) -> None:
+    path = run_dir / "metrics.jsonl"
+    per_fn = [f"reward/{reward_name(f)}" for f in cfg.rewards.funcs]
+    # With one reward the total is that reward again (times its weight): one panel, not two.
+    reward_keys = [*(["reward/total_mean"] if len(per_fn) > 1 else []), *per_fn, "eval/accuracy"]
+    plot_curves(path, reward_keys, run_dir / "rewards.png", "GRPO rewards and held-out accuracy")
+    plot_curves(path, ["completion/mean_tokens", "train/clip_frac", "train/logp_mismatch", "train/kl",
+                       "time/generate", "time/train", "time/sync"], run_dir / "training.png", "GRPO training")
