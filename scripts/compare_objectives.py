@@ -31,14 +31,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ARITH = REPO_ROOT / "tests" / "data" / "arith"
 OBJECTIVES = {
     "grpo": [],
     "gspo": ["grpo.loss=gspo", "grpo.clip_low=3e-4", "grpo.clip_high=4e-4", "grpo.loss_agg=seq_mean_token_mean"],
     "cispo": ["grpo.loss=cispo", "grpo.clip_low=1.0"],
     "rloo": ["grpo.adv_estimator=rloo"],
 }
-SHARED = [f"data.path={ARITH}", "trainer.eval_every=0", "trainer.save_every=0",
+SHARED = ["data.name=arith", "trainer.eval_every=0", "trainer.save_every=0",
           "trainer.save_state=false", "rollout.max_new_tokens=128", "rollout.temperature=0.7",
           "rollout.kv_cache_gb=1", "grpo.prompts_per_step=4", "grpo.dynamic_sampling=true",
           "grpo.overlong=mask", "rewards.funcs=[gsm8k_correct]", "rewards.weights=[1.0]",

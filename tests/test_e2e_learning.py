@@ -18,9 +18,10 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-pytestmark = pytest.mark.e2e
+# slow: its run takes about 10 of make test's 30 minutes on 2 cores; the learning claim it
+# guards is re-measured on a published benchmark by recipe=grpo_mawps (README, "Does it teach?").
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-ARITH = REPO_ROOT / "tests" / "data" / "arith"
 STEPS = 16
 N_TEST = 200
 
@@ -40,7 +41,7 @@ def _correct(eval_dir) -> dict[str, bool]:
 def run(tmp_path_factory):
     """One run: greedy eval of the untrained policy (step 0), 16 GRPO steps, greedy eval again."""
     run_dir = tmp_path_factory.mktemp("learning")
-    args = [f"data.path={ARITH}", "recipe=grpo_gsm8k", "data.held_out=0", "data.eval_split=test",
+    args = ["data.name=arith", "recipe=grpo_gsm8k", "data.held_out=0", "data.eval_split=test",
             f"run.dir={run_dir}",
             f"trainer.max_steps={STEPS}", f"trainer.eval_every={STEPS}", f"trainer.eval_samples={N_TEST}",
             "eval.max_new_tokens=128", "trainer.save_every=0", "trainer.save_state=false",

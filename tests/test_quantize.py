@@ -10,10 +10,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rlkd.tasks import quantize as q
 from rlkd.compose import load_config
 from rlkd.errors import InputError
 from rlkd.models import count_parameters
+from rlkd.tasks import quantize as q
 from rlkd.types import SamplingSpec
 
 VOCAB = ["<pad>", "<eos>", *string.printable]

@@ -9,8 +9,8 @@ import pytest
 from matplotlib.text import Text
 
 from rlkd import arithmetic_claims as ac
-from rlkd.tasks import study_report as sr
 from rlkd.stats import mcnemar_exact, wilson_interval
+from rlkd.tasks import study_report as sr
 
 # --- arithmetic check --------------------------------------------------------------------------
 
