@@ -32,7 +32,7 @@ class StudyScale(str, Enum):
 
 
 class StudyVariant(str, Enum):
-    """The rows a distillation study can hold (`study.variants`); rlkd.study.VARIANTS says what
+    """The rows a distillation study can hold (`study.variants`); rlkd.tasks.study.VARIANTS says what
     each one trains."""
 
     no_kd = "no_kd"
@@ -107,7 +107,7 @@ class DistillConfig:
 @dataclass
 class StudyConfig:
     scale: StudyScale = StudyScale.default
-    """Sizes preset (rlkd.study.SCALES): `tiny` is a smoke run, `default` about an hour on 2 CPU
+    """Sizes preset (rlkd.tasks.study.SCALES): `tiny` is a smoke run, `default` about an hour on 2 CPU
     cores, `large` the whole GSM8K splits for GPUs; the nonzero counts below override it."""
     variants: list[StudyVariant] = field(default_factory=lambda: list(StudyVariant))
     """Rows of the study: no_kd, answer_only, cot_unfiltered, cot_correct, cot_confident,

@@ -99,7 +99,7 @@ def generalized_jsd_loss(
     JSD_beta continuous in beta with those limits, instead of vanishing at both ends. At beta = 0.5
     it is 4x the usual JSD. Multiplied by T^2 like forward_kl_loss; the teacher gets no gradient.
     GKD's other knob, the fraction `lmbda` of on-policy (student-sampled) sequences, picks the
-    data, not the loss: see `rlkd.distill`.
+    data, not the loss: see `rlkd.tasks.distill`.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")

@@ -1,6 +1,6 @@
 """Filters over teacher chain-of-thought samples, and the report of what they dropped.
 
-A sample is a plain dict (one line of samples.jsonl, written by `rlkd.cot`). Per-sample filters
+A sample is a plain dict (one line of samples.jsonl, written by `rlkd.tasks.cot`). Per-sample filters
 are pure predicates in the `SAMPLE_FILTERS` registry; each returns True to keep. All of them run
 on every sample, so the report can say both how many samples each filter rejects on its own and
 which filter dropped each sample first. Then, per question, near-duplicates are removed and the

@@ -19,7 +19,7 @@ from rlkd.config import Config
 from rlkd.data import PromptSampler
 from rlkd.errors import InputError
 
-TRAINER_STATE = "trainer_state.pt"  # same name as rlkd.learner.TRAINER_STATE, without its imports
+TRAINER_STATE = "trainer_state.pt"  # same name as rlkd.actors.learner.TRAINER_STATE, without its imports
 
 
 def checkpoint_step(path: Path) -> int:

@@ -66,7 +66,7 @@ def test_teacher_worker_scores_the_pruned_checkpoint_like_transformers(run_dir):
     script = textwrap.dedent(f"""
         import json
         if __name__ == "__main__":
-            from rlkd.teacher import TeacherWorker
+            from rlkd.actors.teacher import TeacherWorker
             w = TeacherWorker({str(path)!r}, max_model_len=256, kv_cache_gb=1)
             print("RESULT" + json.dumps(w.score([{prompt}], [{completion}])[0]))
             w.shutdown()

@@ -157,7 +157,7 @@ def test_interrupted_exit_is_130_and_quiet_with_the_pipe_gone(quiet, tmp_path):
     # `cmd | tee` and Ctrl-C: tee dies with the process group, so stdout and stderr point at a
     # pipe nobody reads (with run.quiet, the terminal copies of them that rlkd keeps do). The
     # exit must still be 130, with no traceback or BrokenPipeError.
-    code = ("import sys; from rlkd.config import Interrupted\n"
+    code = ("import sys; from rlkd.errors import Interrupted\n"
             "from rlkd import train\n"
             "def task(cfg, run_dir):\n"
             "    raise Interrupted('interrupted in step 2; checkpoint-2 holds step 2')\n"

@@ -1,4 +1,4 @@
-"""rlkd.study without running a model: its config, the stages it plans, the arguments it gives
+"""rlkd.tasks.study without running a model: its config, the stages it plans, the arguments it gives
 each CLI (composed through the real config loader), skipping finished stages, rerunning killed
 ones, and the report it writes, all with a fake executor that plays every stage's CLI."""
 

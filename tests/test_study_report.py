@@ -1,4 +1,4 @@
-"""rlkd.study_report: the arithmetic check on real-looking rationales, and the table, statistics
+"""rlkd.tasks.study_report: the arithmetic check on real-looking rationales, and the table, statistics
 and figures built from hand-made evaluation files."""
 
 import json

@@ -100,10 +100,15 @@ def start_actors(cfg: Config, model_path: str, learner: ray.actor.ActorHandle | 
         _, port = placement.address(placement.plan.learners[0])  # free on the sender's node
         ray.get([rank.init_nccl_sync.remote(rollouts, port, world) for rank in learners])
     else:
-        nodes = set(ray.get([r.node_id.remote() for r in rollouts]))
-        same_node = nodes == {ray.get(learner.node_id.remote())}
-        transport = "shm" if same_node else "bytes"
+        transport = cpu_transport(learner, rollouts)
     return Actors(learner, rollouts, transport, learners, placement)
+
+
+def cpu_transport(learner: ray.actor.ActorHandle, rollouts: list[ray.actor.ActorHandle]) -> str:
+    """`shm` when every rollout actor shares the learner's node (its export is read from shared
+    memory), else `bytes` through the object store."""
+    nodes = set(ray.get([r.node_id.remote() for r in rollouts]))
+    return "shm" if nodes <= {ray.get(learner.node_id.remote())} else "bytes"
 
 
 def call_learners(actors: Actors, method: str, *args):

@@ -2,7 +2,7 @@
 
 The teachers load here only when an objective needs their full next-token distributions
 (single-step KL, GKD, forward KL, teacher-mixed sampling): those [N, V] logits are used where
-they are computed and never cross Ray (see `rlkd.teacher`). Rows are packed into token-budget
+they are computed and never cross Ray (see `rlkd.actors.teacher`). Rows are packed into token-budget
 micro-batches with shared prompts (`rlkd.packing`), like the GRPO learner's.
 """
 

@@ -6,7 +6,7 @@ Where the teacher runs depends on what the objective needs from it:
   Ray (~40 KB for 16 sequences of 300 tokens), on any node or GPU, with vLLM's batching.
 - The full-vocabulary terms (MiniLLM's single-step KL, GKD's JSD, forward KL) need p_T(.) at
   every position: 16 x 300 x 49k floats is ~1 GB per step, too much to ship through Ray. For
-  those the frozen teacher lives inside the learner process (`rlkd.distill_learner`), like
+  those the frozen teacher lives inside the learner process (`rlkd.actors.distill_learner`), like
   GRPO's reference model, and its logits never leave it.
 Teachers never train. Teacher and student must share one tokenizer; checkpoints whose
 embedding matrices are padded to different sizes are fine, logits are cut to the shared size.

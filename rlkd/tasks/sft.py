@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 
 from rlkd.actors.cluster import (
     Actors,
+    cpu_transport,
     free_port,
     init_ray,
     rollout_actor,
@@ -164,8 +165,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         cfg, model_path, master_port=free_port())
     out(f"[rlkd] learner precision: {ray.get(learner.precision.remote())}")
     rollouts = [rollout_actor(cfg, model_path)] if eval_acc else []
-    # Same-node CPU actors read the learner's export from shared memory.
-    actors = Actors(learner, rollouts, "bytes" if cfg.ray.address else "shm", [learner])
+    actors = Actors(learner, rollouts, cpu_transport(learner, rollouts))
     tracker = Tracker(run_dir)
     eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     pack_len = s.max_seq_len if s.packing else 0

@@ -8,7 +8,7 @@
         -> SFT of the student on each dataset (and on answers only, and on gold rationales)
         -> GRPO and MiniLLM from study.rl_base -> 4-bit copy of the final student
         -> every model graded on the same test questions
-    -> report.md and figures (rlkd.study_report)
+    -> report.md and figures (rlkd.tasks.study_report)
 
 Every stage is a subprocess of an existing CLI (`rlkd.train`, `rlkd.eval`, `rlkd.prune`,
 `rlkd.quantize`) writing into its own directory of the study dir, so each frees its Ray, vLLM and

@@ -2,7 +2,7 @@
 
 Pure functions over what the stages wrote (`metrics.json` and `predictions.jsonl` of each
 evaluation, `filter_report.json` of each training set, `metrics.jsonl` of each training run),
-so the report can be rebuilt, and tested, without running anything. `rlkd.study` decides which
+so the report can be rebuilt, and tested, without running anything. `rlkd.tasks.study` decides which
 rows exist; this module only reads and formats.
 
 The arithmetic check reads every `a op b = c` claim in a rationale and recomputes it
@@ -309,7 +309,7 @@ NOTES = """\
   so compare int4 with its fp32 reference on the same engine.
 - **length / teacher**: mean completion tokens over the teacher's on the same questions.
 - **arithmetic errors**: wrong `a op b = c` claims / all claims in the answers
-  (`rlkd.study_report.arithmetic_claims` says what is a claim and when it is wrong).
+  (`rlkd.arithmetic_claims` says what is a claim and when it is wrong).
 - **training data**: kept / teacher samples after the filters, and the share of questions that
   kept one (the full filter reports are below)."""
 
