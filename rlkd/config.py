@@ -456,7 +456,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy model."""
     data: DataConfig = field(default_factory=DataConfig)
-    """GSM8K source and prompt format."""
+    """Dataset (named, or a local or hub copy) and prompt format."""
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     """Reward functions and their weights."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,14 +36,22 @@ def make_run_dir(cfg: Config, recipe: str | None) -> Path:
     return run_dir
 
 
+INTERRUPT_AT = "RLKD_INTERRUPT_AT"
+"""Fault injection for the Ctrl-C tests: `phase:step` (e.g. `train:3`) sends SIGINT to the
+process group, as a terminal's Ctrl-C does, when that timed phase of that step begins."""
+
+
 class Timer:
     """Named wall-clock sections of one step: `with timer("generate"): ...`."""
 
-    def __init__(self):
+    def __init__(self, step: int = 0):
+        self.step = step
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if os.environ.get(INTERRUPT_AT) == f"{name}:{self.step}":
+            os.killpg(os.getpgrp(), signal.SIGINT)
         start = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start

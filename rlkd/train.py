@@ -67,8 +67,10 @@ def main(argv: list[str], restore_output: bool = True) -> None:
         TASKS[cfg.task](cfg, run_dir)
     except Interrupted as e:
         exit_interrupted(f"rlkd: {e}")
-    except KeyboardInterrupt:  # before a task's loop began: nothing trained, nothing to save
-        exit_interrupted(f"rlkd: interrupted while starting; nothing was trained ({run_dir})")
+    except KeyboardInterrupt:  # a training loop that began ends with Interrupted instead
+        exit_interrupted(f"rlkd: interrupted while starting; nothing was trained ({run_dir})"
+                         if cfg.task in (Task.grpo, Task.sft, Task.distill) else
+                         f"rlkd: interrupted; the {cfg.task.value} run in {run_dir} did not finish")
     except (InputError, RunStopped) as e:
         fail(f"rlkd: error: {e}", kept)
     except Exception as e:

@@ -1,5 +1,6 @@
-"""Helpers for end-to-end tests that kill a training run: start the CLI in its own session
-with a tag in its environment, and find (and reap) every process that inherited the tag."""
+"""Helpers for end-to-end tests that kill or interrupt a training run: start the CLI in its own
+session with a tag in its environment, find (and reap) every process that inherited the tag, and
+compare a resumed run with an uninterrupted one."""
 
 import json
 import os
@@ -10,12 +11,46 @@ import time
 import uuid
 
 import psutil
-from conftest import REPO_ROOT
+import torch
+from conftest import GSM8K_DIR, REPO_ROOT
+from safetensors.torch import load_file
+
+# A small GRPO run that checkpoints every step. vLLM's CPU sampling logprobs differ between two
+# fresh processes by ~1e-9 to 1e-6 (same weights, seeds and tokens); the update sees them only
+# through the truncated importance weight, so `grpo.tis_cap=0` makes resumed runs bit-identical.
+RESUME_ARGS = [
+    "recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", "trainer.eval_every=0", "trainer.save_every=1",
+    "trainer.keep_checkpoints=2", "rollout.max_new_tokens=24", "rollout.kv_cache_gb=1", "grpo.group_size=4",
+    "grpo.prompts_per_step=2", "grpo.tis_cap=0", "learner.lr=2e-5", "learner.warmup_steps=2",
+    "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]", "rewards.weights=[1.0,0.5]",
+]
+# Logged per step and fully determined by the weights, the prompts and the sampling seed.
+EXACT_KEYS = ["train/loss", "train/grad_norm", "train/lr", "train/entropy_proxy",
+              "train/clip_frac", "reward/total_mean", "completion/mean_tokens"]
+VLLM_NOISE_KEYS = ["train/logp_mismatch"]
 
 
-def start_cli(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
+def assert_same_run(straight, resumed, steps: int) -> None:
+    """Every step logged once, with the same per-step figures, and the same final weights."""
+    a = [m for m in metrics(straight) if m["step"] > 0]  # step 0: the untrained policy's eval
+    b = [m for m in metrics(resumed) if m["step"] > 0]
+    assert [m["step"] for m in a] == list(range(1, steps + 1))
+    assert [m["step"] for m in b] == list(range(1, steps + 1)), "each step logged exactly once"
+    for row_a, row_b in zip(a, b, strict=True):
+        for key in EXACT_KEYS:
+            assert row_a[key] == row_b[key], (row_a["step"], key, row_a[key], row_b[key])
+        for key in VLLM_NOISE_KEYS:
+            assert abs(row_a[key] - row_b[key]) < 1e-5, (row_a["step"], key, row_a[key], row_b[key])
+    w_a = load_file(straight / f"checkpoint-{steps}" / "model.safetensors")
+    w_b = load_file(resumed / f"checkpoint-{steps}" / "model.safetensors")
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        assert torch.equal(w_a[k], w_b[k]), k
+
+
+def start_cli(args: list[str], log_path, **env_extra: str) -> tuple[subprocess.Popen, str]:
     tag = uuid.uuid4().hex
-    env = dict(os.environ, RLKD_TEST_TAG=tag, PYTHONPATH=str(REPO_ROOT))
+    env = dict(os.environ, RLKD_TEST_TAG=tag, PYTHONPATH=str(REPO_ROOT), **env_extra)
     log = open(log_path, "w")  # noqa: SIM115  (closed with the process by the caller's wait)
     proc = subprocess.Popen([sys.executable, "-m", "rlkd.train", *args], cwd=REPO_ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

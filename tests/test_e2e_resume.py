@@ -10,25 +10,21 @@ diagnostic `train/logp_mismatch` is compared within 1e-5.
 """
 
 import pytest
-import torch
-from conftest import GSM8K_DIR
-from e2e_procs import kill_session, log_tail, metrics, reap, start_cli, wait_for
-from safetensors.torch import load_file
+from e2e_procs import (
+    RESUME_ARGS,
+    assert_same_run,
+    kill_session,
+    log_tail,
+    metrics,
+    reap,
+    start_cli,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STEPS, KILL_AFTER = 4, 2
-ARGS = [
-    "recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", f"trainer.max_steps={STEPS}",
-    "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2",
-    "rollout.max_new_tokens=24", "rollout.kv_cache_gb=1", "grpo.group_size=4",
-    "grpo.prompts_per_step=2", "grpo.tis_cap=0", "learner.lr=2e-5", "learner.warmup_steps=2",
-    "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]", "rewards.weights=[1.0,0.5]",
-]
-# Logged per step and fully determined by the weights, the prompts and the sampling seed.
-EXACT_KEYS = ["train/loss", "train/grad_norm", "train/lr", "train/entropy_proxy",
-              "train/clip_frac", "reward/total_mean", "completion/mean_tokens"]
-VLLM_NOISE_KEYS = ["train/logp_mismatch"]
+ARGS = [*RESUME_ARGS, f"trainer.max_steps={STEPS}"]
 
 
 def _run(run_dir, extra, tmp_path, name, kill_after=None):
@@ -60,19 +56,7 @@ def runs(tmp_path_factory):
 def test_resumed_run_matches_uninterrupted_run(runs):
     straight, resumed, _, log = runs
     assert f"resumed from {resumed}/checkpoint-" in log.read_text()
-    a, b = metrics(straight), metrics(resumed)
-    assert [m["step"] for m in a] == list(range(1, STEPS + 1))
-    assert [m["step"] for m in b] == list(range(1, STEPS + 1)), "each step logged exactly once"
-    for row_a, row_b in zip(a, b, strict=True):
-        for key in EXACT_KEYS:
-            assert row_a[key] == row_b[key], (row_a["step"], key, row_a[key], row_b[key])
-        for key in VLLM_NOISE_KEYS:
-            assert abs(row_a[key] - row_b[key]) < 1e-5, (row_a["step"], key, row_a[key], row_b[key])
-    w_a = load_file(straight / f"checkpoint-{STEPS}" / "model.safetensors")
-    w_b = load_file(resumed / f"checkpoint-{STEPS}" / "model.safetensors")
-    assert w_a.keys() == w_b.keys()
-    for k in w_a:
-        assert torch.equal(w_a[k], w_b[k]), k
+    assert_same_run(straight, resumed, STEPS)
 
 
 def test_kill_leaves_no_partial_checkpoint_and_no_orphans(runs):

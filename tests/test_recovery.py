@@ -143,6 +143,59 @@ def test_a_second_ctrl_c_during_the_save_is_answered_not_obeyed(capsys):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_ctrl_c_during_a_held_step_lets_it_finish_then_stops(capsys):
+    import os
+    import signal
+
+    from rlkd.actors.recovery import hold_interrupts
+
+    before, done = signal.getsignal(signal.SIGINT), []
+    with pytest.raises(KeyboardInterrupt):
+        with hold_interrupts("finishing step 4"):
+            os.kill(os.getpid(), signal.SIGINT)  # mid-update
+            os.kill(os.getpid(), signal.SIGINT)  # and again, impatiently
+            done.append("booked")  # the rest of the step still runs
+    err = capsys.readouterr().err
+    assert done == ["booked"]
+    assert "Ctrl-C: finishing step 4, then stopping" in err and "still finishing step 4" in err
+    assert signal.getsignal(signal.SIGINT) is before
+    with hold_interrupts("a quiet step"):  # no Ctrl-C: no interrupt afterwards
+        pass
+
+
+def test_a_hold_inside_a_hold_defers_to_the_outer_one():
+    import os
+    import signal
+
+    from rlkd.actors.recovery import hold_interrupts
+
+    order = []
+    with pytest.raises(KeyboardInterrupt):
+        with hold_interrupts("finishing step 2"):
+            with hold_interrupts("writing checkpoint-2"):
+                os.kill(os.getpid(), signal.SIGINT)
+            order.append("after the inner hold")  # the inner one must not raise
+    assert order == ["after the inner hold"]
+
+
+def test_a_cut_short_eval_still_logs_its_step(tmp_path):
+    from rlkd.actors.recovery import booked_on_interrupt
+    from rlkd.tracking import Timer, Tracker, read_metrics
+
+    tracker, timer = Tracker(tmp_path), Timer(3)
+    with timer("train"):
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        with booked_on_interrupt(tracker, 3, {"train/loss": 0.5}, timer):
+            raise KeyboardInterrupt
+    with pytest.raises(ValueError):  # other failures are not a Ctrl-C: nothing is logged
+        with booked_on_interrupt(tracker, 4, {"train/loss": 0.25}, timer):
+            raise ValueError
+    tracker.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["train/loss"], "time/train" in r) for r in rows] == [(3, 0.5, True)]
+
+
 def test_interrupt_message_names_the_checkpoint_and_the_command(tmp_path):
     from rlkd.actors.recovery import interrupted
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,6 +37,7 @@ from rlkd.config import TrainerConfig
 from rlkd.console import one_line, say
 from rlkd.errors import Interrupted, RunStopped
 from rlkd.resume import checkpoint_step, complete_checkpoints
+from rlkd.tracking import Timer, Tracker
 
 logger = logging.getLogger("rlkd.recovery")
 T = TypeVar("T")
@@ -45,6 +47,7 @@ RESTART_TIMEOUT_S = 900.0  # a vLLM engine starts in ~35 s on an idle CPU; minut
 ACTOR_FAILURES = (RayActorError, RayTaskError, OutOfMemoryError)
 HEALTH_TIMEOUT_S = 120.0  # a one-token generate on every engine, after a call raised
 DIED_RETRIES = 30  # seconds of "actor died" answers tolerated while Ray notices and restarts it
+_HOLDING: list[str] = []  # the hold_interrupts block in force, if any: inner ones defer to it
 
 
 class RolloutFailedError(RunStopped):
@@ -145,14 +148,53 @@ def count_bad_steps(bad_steps: int, skipped: float, step: int, max_bad_steps: in
     return bad_steps
 
 
+@contextmanager
+def hold_interrupts(what: str, *, then_stop: bool = True) -> Iterator[None]:
+    """Ctrl-C inside the block is answered ("rlkd: Ctrl-C: <what>, then stopping"), not obeyed;
+    at the block's end it acts (`then_stop`), as a KeyboardInterrupt.
+
+    Drivers hold a step's update and its bookkeeping this way: an update already sent to the
+    learner finishes there whatever the driver does, so the driver waits for it (seconds) and
+    books the step, and the checkpoint written on the way out holds it. Checkpoint writes are
+    held too; every further Ctrl-C gets one line and changes nothing. Inside another hold, or
+    off the main thread (where Python delivers no signal), the block runs as it is.
+    """
+    if _HOLDING or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def answer(*_):
+        pressed.append(1)
+        say(f"rlkd: Ctrl-C: {what}, then stopping" if len(pressed) == 1 and then_stop
+            else f"rlkd: still {what}, one moment")
+
+    previous = signal.signal(signal.SIGINT, answer)
+    _HOLDING.append(what)
+    try:
+        yield
+    finally:
+        _HOLDING.pop()
+        signal.signal(signal.SIGINT, previous)
+    if pressed and then_stop:
+        raise KeyboardInterrupt
+
+
 def save_on_interrupt(save: Callable[[], T]) -> T:
     """Run `save` with further Ctrl-Cs answered, not obeyed: the checkpoint is written whole."""
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda *_: say("rlkd: still saving the checkpoint, one moment"))
-    try:
+    with hold_interrupts("saving the checkpoint", then_stop=False):
         return save()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def booked_on_interrupt(tracker: Tracker, step: int, metrics: dict[str, float], timer: Timer) -> Iterator[None]:
+    """Ctrl-C in a finished step's evaluation (the one long phase not held) still logs the step's
+    metrics, without the cut-short eval, before the interrupt acts."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        tracker.log(step, {**metrics, **timer.metrics()})
+        raise
 
 
 @dataclass
@@ -173,7 +215,9 @@ def training_tail(progress: Progress, run_dir: Path, save: Callable[[], object],
     A dead actor ends the run with `died`'s one line (default `actor_died`). Ctrl-C saves the
     last finished step when it is not saved yet and `can_save()` (GRPO: the learner holds exactly
     that step's weights), with further Ctrl-Cs answered, then ends with `interrupted`'s one line.
-    `save` must set `progress.saved`. `cleanup` runs whatever happened.
+    Loops hold each step's update and bookkeeping (`hold_interrupts`), so a Ctrl-C lands either
+    before an update is sent (the previous step is saved) or after its step is booked (that
+    step is saved). `save` must set `progress.saved`. `cleanup` runs whatever happened.
     """
     try:
         yield progress

@@ -38,7 +38,13 @@ from rlkd.actors.cluster import (
     teacher_actor,
 )
 from rlkd.actors.distill_learner import DistillLearnerActor, needs_learner_teachers
-from rlkd.actors.recovery import Progress, shutdown, training_tail
+from rlkd.actors.recovery import (
+    Progress,
+    booked_on_interrupt,
+    hold_interrupts,
+    shutdown,
+    training_tail,
+)
 from rlkd.actors.rollout import generate_sharded
 from rlkd.actors.teacher import shared_vocab_size
 from rlkd.config import Config
@@ -140,8 +146,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     bar = tqdm(range(1, t.max_steps + 1), desc=d.objective.value, unit="step", dynamic_ncols=True, file=terminal())
 
     def checkpoint() -> None:
-        save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints)
-        progress.saved = progress.done
+        with hold_interrupts(f"writing checkpoint-{progress.done}"):
+            save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints)
+            progress.saved = progress.done
 
     def cleanup() -> None:
         close_quietly(bar)
@@ -152,12 +159,12 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         stop_actors(actors)
         shutdown([], teachers)
 
-    # As SFT: checkpoints are weights to start from, and Ctrl-C saves the step in flight.
+    # As SFT: checkpoints are weights to start from; Ctrl-C during an update waits for it.
     with training_tail(progress, run_dir, checkpoint, resumable=False, cleanup=cleanup):
         tracker.log(0, {**sizes, **(held_out_metrics() if t.eval_every else {})})
         for step in bar:
-            progress.step = progress.done = step
-            timer, start = Timer(), time.perf_counter()
+            progress.step = step
+            timer, start = Timer(step), time.perf_counter()
             on_policy = d.objective != DistillObjective.gkd or coin.random() < d.lmbda
             examples = sampler.next(g.prompts_per_step if on_policy else N)
             prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
@@ -196,19 +203,21 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                                 for ex in sft],
                 sft_completion_ids=[reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in sft],
                 student_logprobs=gen.logprobs if on_policy else [])
-            with timer("train"):
-                metrics = ray.get(learner.distill_step.remote(batch))
-            with timer("sync"):
-                sync_weights(actors)
-
-            lengths = [len(c) for c in completion_ids]
-            metrics.update(timer.metrics())
-            metrics.update(metrics_extra)
-            metrics.update({"train/on_policy": float(on_policy),
-                            "completion/mean_tokens": sum(lengths) / len(lengths),
-                            "time/step": time.perf_counter() - start})
+            with hold_interrupts(f"finishing step {step} (its update is on the learner)"):
+                with timer("train"):
+                    metrics = ray.get(learner.distill_step.remote(batch))
+                with timer("sync"):
+                    sync_weights(actors)
+                lengths = [len(c) for c in completion_ids]
+                metrics.update(metrics_extra)
+                metrics.update({"train/on_policy": float(on_policy),
+                                "completion/mean_tokens": sum(lengths) / len(lengths),
+                                "time/step": time.perf_counter() - start})
+                progress.done = step
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                metrics.update(held_out_metrics())
+                with booked_on_interrupt(tracker, step, metrics, timer), timer("eval"):
+                    metrics.update(held_out_metrics())
+            metrics.update(timer.metrics())
             if t.save_every and step % t.save_every == 0:
                 checkpoint()
             tracker.log(step, metrics)

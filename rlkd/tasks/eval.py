@@ -1,4 +1,4 @@
-"""GSM8K evaluation and paired comparison.
+"""Evaluation on a named dataset (GSM8K by default) and paired comparison.
 
     python -m rlkd.eval model.name=smollm2-135m-instruct
     python -m rlkd.eval eval.compare=[runs/a/predictions.jsonl,runs/b/predictions.jsonl]
@@ -52,7 +52,7 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
         engine_startup_s=worker.startup_seconds, wall_s=time.perf_counter() - start,
     )
     write_results(run_dir, model_path, predictions, metrics)
-    print_summary(cfg.model.name, cfg.data.split, metrics, run_dir, "GSM8K evaluation")
+    print_summary(cfg.model.name, cfg.data.split, metrics, run_dir, f"{cfg.data.name} evaluation")
     return metrics
 
 

@@ -30,7 +30,9 @@ from rlkd.actors.recovery import (
     RolloutGuard,
     SignalGuard,
     SignalLostError,
+    booked_on_interrupt,
     count_bad_steps,
+    hold_interrupts,
     learner_died,
     training_tail,
 )
@@ -98,8 +100,9 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
         return {f"eval/{k}": v for k, v in m.items()}
 
     def checkpoint() -> None:
-        save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints, done_state)
-        progress.saved = progress.done
+        with hold_interrupts(f"writing checkpoint-{progress.done}"):
+            save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints, done_state)
+            progress.saved = progress.done
 
     def cleanup() -> None:
         close_quietly(bar)
@@ -110,8 +113,8 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
 
     bar = tqdm(range(start_step + 1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True, file=terminal(),
                initial=start_step, total=t.max_steps)
-    # An update already sent to the learner finishes there on Ctrl-C: then its weights are one
-    # step past `done` and no checkpoint of them can be resumed exactly.
+    # Steps hold Ctrl-C from update to bookkeeping; should the learner still be a step past
+    # `done` (an error cut the step short), no checkpoint of its weights resumes exactly.
     tail = training_tail(progress, run_dir, checkpoint, resumable=t.save_state, cleanup=cleanup,
                          died=learner_died,
                          can_save=lambda: ray.get(actors.learner.steps_done.remote()) == progress.done)
@@ -125,7 +128,7 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
             tracker.log(0, held_out(0))
         for step in bar:
             progress.step = step
-            timer, start = Timer(), time.perf_counter()
+            timer, start = Timer(step), time.perf_counter()
             with timer("generate"):
                 ro = sample_step(cfg, sampler, tokenizer, generate, reward_fns, reward_weights, spec, step)
             with timer("reward"):
@@ -142,29 +145,33 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                 rollout_logprobs=[[] if m else lp for lp, m in zip(gen.logprobs, masked, strict=True)],
                 advantages=advantages_N.tolist(),
             )
-            with timer("train"):
-                metrics = call_learners(actors, "train_step", batch)
-            bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
-            with timer("sync"):
-                guard("weight sync", partial(sync_weights, actors))
-
-            lengths = [len(c) for c in gen.completion_ids]
-            metrics.update(timer.metrics())
-            metrics.update(ro.metrics)
-            metrics["rollout/failures"] = guard.failures
-            metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
-            metrics.update({
-                "completion/mean_tokens": sum(lengths) / len(lengths),
-                "completion/truncated_frac": sum(gen.truncated) / len(gen.truncated),
-                "rollout/tokens_per_s": ro.metrics["sampling/tokens_generated"] / max(gen.seconds, 1e-9),
-                "time/step": time.perf_counter() - start,
-            })
+            # From the moment an update is sent until its step is booked, Ctrl-C waits: the
+            # learner finishes the update anyway, and the checkpoint on the way out holds it.
+            with hold_interrupts(f"finishing step {step} (its update is on the learner)"):
+                with timer("train"):
+                    metrics = call_learners(actors, "train_step", batch)
+                bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
+                with timer("sync"):
+                    guard("weight sync", partial(sync_weights, actors))
+                lengths = [len(c) for c in gen.completion_ids]
+                metrics.update(ro.metrics)
+                metrics["rollout/failures"] = guard.failures
+                metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
+                metrics.update({
+                    "completion/mean_tokens": sum(lengths) / len(lengths),
+                    "completion/truncated_frac": sum(gen.truncated) / len(gen.truncated),
+                    "rollout/tokens_per_s": ro.metrics["sampling/tokens_generated"] / max(gen.seconds, 1e-9),
+                    "time/step": time.perf_counter() - start,  # generate to sync: eval and saves apart
+                })
+                progress.done = step
+                done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                metrics.update(held_out(step))
-            progress.done = step
-            done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
+                with booked_on_interrupt(tracker, step, metrics, timer), timer("eval"):
+                    metrics.update(held_out(step))
             if t.save_every and step % t.save_every == 0:
-                checkpoint()
+                with hold_interrupts(f"writing checkpoint-{step}"), timer("checkpoint"):
+                    checkpoint()
+            metrics.update(timer.metrics())
             tracker.log(step, metrics)
             bar.set_postfix(_postfix(metrics))
             stop = signal_guard.check(step, metrics)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,7 +33,13 @@ from rlkd.actors.cluster import (
     sync_weights,
 )
 from rlkd.actors.learner import LearnerActor
-from rlkd.actors.recovery import Progress, shutdown, training_tail
+from rlkd.actors.recovery import (
+    Progress,
+    booked_on_interrupt,
+    hold_interrupts,
+    shutdown,
+    training_tail,
+)
 from rlkd.actors.rollout import generate_sharded
 from rlkd.config import Config, SFTTarget
 from rlkd.console import close_quietly, out, terminal
@@ -51,7 +56,7 @@ from rlkd.errors import ConfigError
 from rlkd.lora import check_lora
 from rlkd.models import resolve_model
 from rlkd.scoring import score
-from rlkd.tracking import Tracker, plot_curves
+from rlkd.tracking import Timer, Tracker, plot_curves
 from rlkd.types import SamplingSpec, TrainBatch
 
 
@@ -174,8 +179,9 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
     bar = tqdm(plan, desc="sft", unit="step", dynamic_ncols=True, file=terminal())
 
     def checkpoint() -> str:
-        path = save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints)
-        progress.saved = progress.done
+        with hold_interrupts(f"writing checkpoint-{progress.done}"):
+            path = save_checkpoint(actors, run_dir, progress.done, t.keep_checkpoints)
+            progress.saved = progress.done
         return path
 
     def cleanup() -> None:
@@ -186,22 +192,26 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         plot_curves(run_dir / "metrics.jsonl", ["eval/accuracy"], run_dir / "accuracy.png", "SFT held-out accuracy")
         shutdown([learner], rollouts)
 
-    # SFT checkpoints are weights to start from, not resumable states: Ctrl-C saves the step in
-    # flight too (the learner finishes an update it was sent).
+    # SFT checkpoints are weights to start from, not resumable states; Ctrl-C during an update
+    # waits for it and saves its step.
     with training_tail(progress, run_dir, checkpoint, resumable=False, cleanup=cleanup):
         for step, idx in enumerate(bar, 1):
-            progress.step = progress.done = step
-            start = time.perf_counter()
-            metrics = ray.get(learner.sft_step.remote(data.select(idx), pack_len))
-            metrics["time/step"] = time.perf_counter() - start
-            metrics["train/epoch"] = (step * s.batch_size) / len(data)
+            progress.step = step
+            timer = Timer(step)
+            with hold_interrupts(f"finishing step {step} (its update is on the learner)"), timer("train"):
+                metrics = ray.get(learner.sft_step.remote(data.select(idx), pack_len))
+                metrics["train/epoch"] = (step * s.batch_size) / len(data)
+                progress.done = step
             if t.eval_every and (step % t.eval_every == 0 or step == len(plan)):
-                if held_out:
-                    metrics["eval/heldout_nll"] = ray.get(learner.eval_loss.remote(held))
-                if eval_acc:
-                    sync_weights(actors)
-                    _, m = score(partial(generate_sharded, rollouts), tokenizer, eval_set, cfg.data, eval_spec)
-                    metrics.update({f"eval/{k}": v for k, v in m.items()})
+                with booked_on_interrupt(tracker, step, metrics, timer), timer("eval"):
+                    if held_out:
+                        metrics["eval/heldout_nll"] = ray.get(learner.eval_loss.remote(held))
+                    if eval_acc:
+                        sync_weights(actors)
+                        _, m = score(partial(generate_sharded, rollouts), tokenizer, eval_set, cfg.data, eval_spec)
+                        metrics.update({f"eval/{k}": v for k, v in m.items()})
+            metrics.update(timer.metrics())
+            metrics["time/step"] = metrics["time/train"]
             if t.save_every and step % t.save_every == 0:
                 checkpoint()
             tracker.log(step, metrics)
