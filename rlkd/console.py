@@ -22,8 +22,33 @@ _TERMINAL: dict[str, object] = {}
 
 
 def terminal():
-    """The terminal's stderr, for progress bars."""
-    return _TERMINAL.get("err", sys.stderr)
+    """The terminal's stderr, for progress bars; its writes never raise (see `Unbreakable`)."""
+    return Unbreakable(_TERMINAL.get("err", sys.stderr))
+
+
+class Unbreakable:
+    """A stream whose writes never fail. Ctrl-C through `| tee` ends tee too, and the next redraw
+    of a progress bar would raise BrokenPipeError in the middle of a step's bookkeeping or its
+    checkpoint; here the stream is silenced instead and the run goes on to its last line."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, OSError, ValueError):
+            silence(self._stream)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            silence(self._stream)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def say(message: str) -> None:

@@ -20,6 +20,7 @@ from rlkd.answer import answers_match, extract_answer
 from rlkd.config import DataConfig
 from rlkd.console import out, terminal
 from rlkd.data import build_prompt
+from rlkd.journal import Journal
 from rlkd.stats import mean_ci, wilson_interval
 from rlkd.types import Example, Generation, SamplingSpec
 
@@ -27,15 +28,22 @@ Generate = Callable[[list[str], SamplingSpec], Generation]
 
 
 def score(generate: Generate, tokenizer, examples: list[Example], data: DataConfig,
-          spec: SamplingSpec, chunk: int = 128) -> tuple[list[dict], dict[str, float]]:
-    """Generate one completion per question and grade it; returns (predictions, metrics)."""
+          spec: SamplingSpec, chunk: int = 128, journal: Journal | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Generate one completion per question and grade it; returns (predictions, metrics). With a
+    `journal`, chunks it holds are not generated again and each new one is added as it finishes."""
     prompts = [build_prompt(tokenizer, ex.question, data) for ex in examples]
     parts = []
-    # Chunks only drive the progress bar: 64 concurrent sequences already saturate a CPU engine.
+    # Chunks drive the progress bar and the journal: 64 concurrent sequences already saturate a
+    # CPU engine, so smaller calls cost nothing.
     with tqdm(total=len(prompts), desc="eval", unit="q", dynamic_ncols=True, file=terminal(), disable=len(prompts) <= chunk) as bar:
         for start in range(0, len(prompts), chunk):
-            parts.append(generate(prompts[start:start + chunk], replace(spec, first_prompt=start)))
-            bar.update(len(parts[-1].prompt_ids))
+            if journal is not None and (kept := journal.get(start // chunk)) is not None:
+                parts.append(_from_rows(*kept))
+            else:
+                parts.append(generate(prompts[start:start + chunk], replace(spec, first_prompt=start)))
+                if journal is not None:
+                    journal.add(start // chunk, _to_rows(parts[-1]), parts[-1].seconds)
+            bar.update(len(parts[-1].texts))
             done = sum(g.num_tokens for g in parts) / max(sum(g.seconds for g in parts), 1e-9)
             bar.set_postfix(tok_s=f"{done:.0f}")
     gen = Generation.concat(parts)
@@ -64,6 +72,18 @@ def score(generate: Generate, tokenizer, examples: list[Example], data: DataConf
     if n > 1:
         _, metrics["completion_tokens_ci_low"], metrics["completion_tokens_ci_high"] = mean_ci(lengths)
     return predictions, metrics
+
+
+def _to_rows(gen: Generation) -> list[dict]:
+    return [{"text": t, "completion_ids": ids, "truncated": cut}
+            for t, ids, cut in zip(gen.texts, gen.completion_ids, gen.truncated, strict=True)]
+
+
+def _from_rows(rows: list[dict], seconds: float) -> Generation:
+    """A journaled chunk, with what grading needs (no prompt ids or logprobs)."""
+    return Generation(prompt_ids=[[] for _ in rows], completion_ids=[r["completion_ids"] for r in rows],
+                      logprobs=[[] for _ in rows], texts=[r["text"] for r in rows],
+                      truncated=[r["truncated"] for r in rows], seconds=seconds)
 
 
 class PeakMemory:

@@ -1,7 +1,14 @@
-"""Entry point: `python -m rlkd.train recipe=NAME [key=value ...]` (`--help` lists every key)."""
+"""Entry point: `python -m rlkd.train recipe=NAME [key=value ...]` (`--help` lists every key).
+
+`main` is the one runner of every command (`rlkd.eval` and `rlkd.quantize --eval` call it too):
+rlkd's own lines and progress bars on the terminal, library output in the run's log, an error
+as one `rlkd: error:` line, Ctrl-C as one line naming what holds the run (exit 130).
+"""
 
 import sys
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 from rlkd.compose import from_cli
 from rlkd.config import Config, Task
@@ -53,18 +60,20 @@ TASKS = {Task.grpo: _grpo, Task.eval: _eval, Task.cot: _cot, Task.sft: _sft, Tas
          Task.study: _study}
 
 
-def main(argv: list[str], restore_output: bool = True) -> None:
-    """Run the task `argv` names. With run.quiet the library output goes to the run's log
-    until `main` returns (`restore_output`, for callers in-process) or until the process exits
-    (the CLI: what vLLM prints while shutting down stays in the log too)."""
-    cfg, recipe = from_cli(argv, default_recipe=None)
+def main(argv: list[str], restore_output: bool = True, *, default_recipe: str | None = None,
+         forced: tuple[str, ...] = (), task: Callable[[Config, Path], object] | None = None) -> None:
+    """Run the task `argv` names (or `task`, for another command's own engine). With run.quiet
+    the library output goes to the run's log until `main` returns (`restore_output`, for callers
+    in-process) or until the process exits (the CLI: what vLLM prints while shutting down stays
+    in the log too). `default_recipe` and `forced` are those of `rlkd.compose.from_cli`."""
+    cfg, recipe = from_cli(argv, default_recipe=default_recipe, forced=forced)
     run_dir = make_run_dir(cfg, recipe)
     log = run_dir / "logs" / "run.log"
     out(f"rlkd: {cfg.task.value} run in {run_dir}" + (f" (library output: {log})" if cfg.run.quiet else ""))
     restore = capture(log) if cfg.run.quiet else None
     kept = restore is not None and not restore_output
     try:
-        TASKS[cfg.task](cfg, run_dir)
+        (task or TASKS[cfg.task])(cfg, run_dir)
     except Interrupted as e:
         exit_interrupted(f"rlkd: {e}")
     except KeyboardInterrupt:  # a training loop that began ends with Interrupted instead

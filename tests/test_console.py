@@ -52,3 +52,41 @@ def test_verbose_run_prints_everything_and_the_traceback(tmp_path):
     both = proc.stdout + proc.stderr
     assert proc.returncode == 1 and all(line in both for line in LIBRARY)
     assert "Traceback (most recent call last)" in proc.stderr and not (tmp_path / "logs").exists()
+
+
+# Ctrl-C through `| tee` ends tee as well: a bar drawn after it must not end the run.
+TEE_SCRIPT = """
+import sys, time
+from tqdm import tqdm
+from rlkd import train
+
+def task(cfg, run_dir):
+    from rlkd.console import say, terminal
+    bar = tqdm(total=100, file=terminal(), mininterval=0)
+    say("ready")
+    for _ in range(100):
+        bar.update(1)
+        time.sleep(0.02)
+    bar.close()
+    (run_dir / "survived").write_text("")
+    raise KeyboardInterrupt
+
+train.TASKS[train.Task.eval] = task
+train.main(["recipe=eval_gsm8k", "run.dir=" + sys.argv[1]], restore_output=False)
+"""
+
+
+def test_progress_bars_outlive_a_terminal_pipe_that_closed(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", TEE_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    seen = b""
+    while b"ready" not in seen:
+        chunk = proc.stdout.read1(4096)
+        assert chunk, seen.decode(errors="replace")
+        seen += chunk
+    proc.stdout.close()  # the reader is gone, as tee is after Ctrl-C
+    assert proc.wait(timeout=120) == 130
+    log = (tmp_path / "logs" / "run.log").read_text()
+    assert (tmp_path / "survived").exists(), log
+    assert "Traceback" not in log and "BrokenPipeError" not in log, log
+    assert "rlkd: interrupted; the eval run" in log

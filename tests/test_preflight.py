@@ -15,7 +15,6 @@ from conftest import GSM8K_DIR
 from rlkd.compose import load_config
 from rlkd.errors import InputError
 from rlkd.preflight import load_inputs
-from rlkd.tasks.eval import main as eval_main
 from rlkd.train import main
 
 pytestmark = pytest.mark.skipif(not GSM8K_DIR.is_dir(), reason="no local GSM8K copy")
@@ -114,6 +113,7 @@ def test_broken_reward_stops_the_cli_in_seconds_before_ray(fn, expected, small_g
 
 def test_eval_cli_checks_lengths_before_starting_vllm(small_gsm8k, tmp_path):
     with pytest.raises(SystemExit) as info:
-        eval_main([f"data.path={small_gsm8k}", f"run.dir={tmp_path}", "eval.max_new_tokens=1000"])
+        main([f"data.path={small_gsm8k}", f"run.dir={tmp_path}", "eval.max_new_tokens=1000"],
+             default_recipe="eval_gsm8k", forced=("task=eval",))
     assert info.value.code.startswith(
         "rlkd: error: eval.max_new_tokens=1000 does not fit: example gsm8k:test:"), info.value.code

@@ -10,7 +10,9 @@
 SFT variant trains on the same record format. `cot.samples=<samples.jsonl>` re-filters an earlier
 run's samples without generating again. Outputs in the run dir: samples.jsonl (every sample with
 its verdict), kept.jsonl and kept.parquet (the SFT dataset), filter_report.{json,md},
-lengths.png, cot_metrics.json.
+lengths.png, cot_metrics.json. Samples are kept chunk by chunk in samples.partial.jsonl
+(`rlkd.journal`): a Ctrl-C loses only the chunk in flight, and the same command plus
+`run.dir=<its dir> trainer.resume=auto` continues with the same seeds.
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from rlkd.actors.cluster import init_ray, rollout_actor
 from rlkd.actors.recovery import shutdown
 from rlkd.actors.rollout import generate_sharded
 from rlkd.config import Config, PromptMode
-from rlkd.console import out, terminal
+from rlkd.console import out, say, terminal
 from rlkd.data import build_prompt, gold_text, load_split, read_jsonl
-from rlkd.errors import ConfigError
+from rlkd.errors import ConfigError, Interrupted
 from rlkd.filters import apply_filters, report_markdown
+from rlkd.journal import Journal
 from rlkd.models import resolve_model
 from rlkd.types import Example, SamplingSpec
 
+JOURNAL = "samples.partial.jsonl"  # the chunks of questions done so far, until samples.jsonl
 _ANSWER_LINE_END_RE = re.compile(r"####[ \t]*[^\n]*\d[^\n]*")
 
 
@@ -77,8 +81,10 @@ def _record(ex, text, num_tokens, gold_tokens, mean_lp, min_lp, temperature, mod
     return dict(zip(SAMPLE_FIELDS, values, strict=True))
 
 
-def generate_samples(cfg: Config, tokenizer, examples: list[Example], rollouts: list) -> tuple[list[dict], dict]:
-    """k samples per question per temperature from the teacher; returns (samples, throughput)."""
+def generate_samples(cfg: Config, tokenizer, examples: list[Example], rollouts: list,
+                     journal: Journal) -> tuple[list[dict], dict]:
+    """k samples per question per temperature from the teacher; returns (samples, throughput).
+    Each chunk of questions goes into `journal` as it finishes; chunks it holds are not redone."""
     c = cfg.cot
     gold_tokens = {ex.id: len(tokenizer(gold_text(ex, c.strip_calculator), add_special_tokens=False)["input_ids"])
                    for ex in examples}
@@ -86,14 +92,20 @@ def generate_samples(cfg: Config, tokenizer, examples: list[Example], rollouts: 
     bar = tqdm(total=len(examples), desc=f"cot ({c.prompt_mode.value})", unit="q", dynamic_ncols=True, file=terminal())
     for c0 in range(0, len(examples), c.batch_questions):
         chunk = examples[c0:c0 + c.batch_questions]
+        if (kept := journal.get(c0 // c.batch_questions)) is not None:
+            samples.extend(kept[0])
+            tokens, gen_seconds = tokens + sum(s["num_tokens"] for s in kept[0]), gen_seconds + kept[1]
+            bar.update(len(chunk))
+            continue
         prompts = [teacher_prompt(tokenizer, ex, cfg) for ex in chunk]
+        chunk_samples, chunk_seconds = [], 0.0
         for ti, temperature in enumerate(c.temperatures):
             # Seeds depend on (run seed, chunk, temperature) only, so a rerun reproduces.
             seed = cfg.run.seed * 1_000_003 + c0 * 31 + ti
             spec = SamplingSpec(n=c.samples_per_temperature, max_tokens=c.max_new_tokens,
                                 temperature=temperature, seed=seed)
             gen = generate_sharded(rollouts, prompts, spec)
-            tokens, gen_seconds = tokens + gen.num_tokens, gen_seconds + gen.seconds
+            tokens, chunk_seconds = tokens + gen.num_tokens, chunk_seconds + gen.seconds
             for i, (ids, lps, text, cut) in enumerate(zip(gen.completion_ids, gen.logprobs, gen.texts,
                                                          gen.truncated, strict=True)):
                 ex = chunk[i // spec.n]
@@ -103,11 +115,14 @@ def generate_samples(cfg: Config, tokenizer, examples: list[Example], rollouts: 
                     n_kept = len(tokenizer(short, add_special_tokens=False)["input_ids"])
                     text, ids, lps, cut = short, ids[:n_kept], lps[:n_kept], False
                 finite = [lp for lp in lps if math.isfinite(lp)]
-                samples.append(_record(
+                chunk_samples.append(_record(
                     ex, text, len(ids), gold_tokens[ex.id],
                     sum(finite) / len(finite) if finite else float("nan"),
                     min(finite) if finite else float("nan"),
                     temperature, c.prompt_mode.value, i % spec.n, cut, cfg.model.name, seed))
+        journal.add(c0 // c.batch_questions, chunk_samples, chunk_seconds)
+        samples.extend(chunk_samples)
+        gen_seconds += chunk_seconds
         bar.update(len(chunk))
         elapsed = time.perf_counter() - start
         bar.set_postfix(tok_s=f"{tokens / max(gen_seconds, 1e-9):.0f}",
@@ -121,6 +136,16 @@ def generate_samples(cfg: Config, tokenizer, examples: list[Example], rollouts: 
         "tokens_per_s": tokens / max(gen_seconds, 1e-9),
     }
     return samples, throughput
+
+
+def fingerprint(cfg: Config, teacher: str, questions: int) -> dict:
+    """What decides the samples: a resumed run must have the same, or its chunks would not join."""
+    c = cfg.cot
+    return {"teacher": teacher, "data": cfg.data.name, "split": cfg.data.split, "questions": questions,
+            "prompt_mode": c.prompt_mode.value, "temperatures": list(c.temperatures),
+            "samples_per_temperature": c.samples_per_temperature, "max_new_tokens": c.max_new_tokens,
+            "batch_questions": c.batch_questions, "trim_after_answer": c.trim_after_answer,
+            "seed": cfg.run.seed}
 
 
 def read_samples(path: str) -> list[dict]:
@@ -185,14 +210,22 @@ def run(cfg: Config, run_dir: Path) -> dict:
         if c.prompt_mode == PromptMode.gold:
             samples = gold_samples(examples, tokenizer, cfg)
         else:
+            journal = Journal(run_dir / JOURNAL, fingerprint(cfg, teacher, len(examples)),
+                              resume=cfg.trainer.resume == "auto")
+            if journal.rows_done:
+                say(f"rlkd: resuming: {journal.rows_done} samples already written ({journal.path})")
             init_ray(cfg)
             rollouts = [rollout_actor(cfg, teacher, i, logprobs_mode="raw_logprobs")
                         for i in range(cfg.rollout.num_actors)]
             try:
                 ray.get([r.ready.remote() for r in rollouts])
-                samples, throughput = generate_samples(cfg, tokenizer, examples, rollouts)
+                samples, throughput = generate_samples(cfg, tokenizer, examples, rollouts, journal)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted with {journal.rows_done} samples kept in {journal.path}; continue "
+                                  f"with the same command plus run.dir={run_dir} trainer.resume=auto") from None
             finally:
                 shutdown([], rollouts)
+            journal.path.unlink()  # samples.jsonl, written below, holds every sample
     kept, report = apply_filters(samples, cfg.filter)
     report["throughput"] = throughput
     write_outputs(samples, kept, report, cfg, run_dir)

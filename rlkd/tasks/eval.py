@@ -4,7 +4,9 @@
     python -m rlkd.eval eval.compare=[runs/a/predictions.jsonl,runs/b/predictions.jsonl]
 
 Generation runs on vLLM in this process (no Ray needed); scoring uses the same answer parser as
-the GSM8K reward, so a "correct" here is a reward of 1 in training.
+the GSM8K reward, so a "correct" here is a reward of 1 in training. Answers are kept chunk by
+chunk in predictions.partial.jsonl (`rlkd.journal`): a Ctrl-C loses only the chunk in flight, and
+the same command plus `run.dir=<its dir> trainer.resume=auto` continues.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from transformers import AutoTokenizer
 
 from rlkd.actors.cluster import engine_kwargs
 from rlkd.actors.rollout import RolloutWorker
-from rlkd.compose import from_cli
 from rlkd.config import Config
+from rlkd.console import say
 from rlkd.data import load_split, read_jsonl, split_held_out
-from rlkd.errors import ConfigError, InputError
+from rlkd.errors import ConfigError, Interrupted
+from rlkd.journal import Journal
 from rlkd.models import count_parameters, resolve_model
 from rlkd.preflight import check_context, check_prompt_lengths
 from rlkd.scoring import PeakMemory, print_summary, print_table, score, write_results
 from rlkd.stats import mcnemar_exact
-from rlkd.tracking import make_run_dir
 from rlkd.types import SamplingSpec
+
+JOURNAL = "predictions.partial.jsonl"  # answers of the chunks done so far, until predictions.jsonl
 
 
 def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
@@ -43,15 +47,27 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
     check_prompt_lengths(tokenizer, examples, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
     spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens,
                         temperature=cfg.eval.temperature, seed=cfg.run.seed)
+    journal = Journal(run_dir / JOURNAL, {"model": str(model_path), "data": cfg.data.name, "split": cfg.data.split,
+                                          "held_out": cfg.data.held_out, "questions": len(examples),
+                                          "max_tokens": spec.max_tokens, "temperature": spec.temperature,
+                                          "seed": spec.seed}, resume=cfg.trainer.resume == "auto")
+    if journal.rows_done:
+        say(f"rlkd: resuming: {journal.rows_done} of {len(examples)} questions already answered ({journal.path})")
     start = time.perf_counter()
     with PeakMemory() as mem:
         worker = RolloutWorker(str(model_path), **engine_kwargs(cfg, seed=cfg.run.seed))
-        predictions, metrics = score(worker.generate, tokenizer, examples, cfg.data, spec)
+        try:
+            predictions, metrics = score(worker.generate, tokenizer, examples, cfg.data, spec, journal=journal)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted with {journal.rows_done} of {len(examples)} questions answered, kept in "
+                              f"{journal.path}; continue with the same command plus run.dir={run_dir} "
+                              "trainer.resume=auto") from None
     metrics.update(
         parameters=count_parameters(model_path), peak_memory_gb=mem.peak / 2**30,
         engine_startup_s=worker.startup_seconds, wall_s=time.perf_counter() - start,
     )
     write_results(run_dir, model_path, predictions, metrics)
+    journal.path.unlink()  # predictions.jsonl holds every answer now
     print_summary(cfg.model.name, cfg.data.split, metrics, run_dir, f"{cfg.data.name} evaluation")
     return metrics
 
@@ -89,12 +105,4 @@ def compare(path_a: str, path_b: str, out: Path | None = None) -> dict[str, floa
     if out is not None:
         out.write_text(json.dumps(result, indent=2))
     return result
-
-
-def main(argv: list[str]) -> None:
-    cfg, recipe = from_cli(argv, "eval_gsm8k", forced=("task=eval",))
-    try:
-        evaluate(cfg, make_run_dir(cfg, recipe))
-    except InputError as e:
-        raise SystemExit(f"rlkd: error: {e}") from None
 

@@ -39,14 +39,13 @@ from torchao.prototype.quantization.int4 import (  # noqa: E402
 from torchao.quantization import quantize_  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessor  # noqa: E402
 
-from rlkd.compose import from_cli  # noqa: E402
 from rlkd.config import Config  # noqa: E402
+from rlkd.console import out  # noqa: E402
 from rlkd.data import encode_prompt, load_split  # noqa: E402
 from rlkd.errors import InputError  # noqa: E402
 from rlkd.models import count_parameters, resolve_model  # noqa: E402
 from rlkd.preflight import check_context, check_prompt_lengths  # noqa: E402
 from rlkd.scoring import PeakMemory, print_summary, score, write_results  # noqa: E402
-from rlkd.tracking import make_run_dir  # noqa: E402
 from rlkd.types import Generation, SamplingSpec  # noqa: E402
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel supports
@@ -210,18 +209,12 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
     )
     write_results(run_dir, model_path, predictions, metrics)
     print_summary(f"{cfg.model.name} ({metrics['engine']})", cfg.data.split, metrics, run_dir,
-                  "GSM8K evaluation (transformers)")
+                  f"{cfg.data.name} evaluation (transformers)")
     return metrics
 
 
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["--eval"]:
-        cfg, recipe = from_cli(argv[1:], "eval_gsm8k", forced=("task=eval",))
-        try:
-            evaluate(cfg, make_run_dir(cfg, recipe))
-        except InputError as e:
-            raise SystemExit(f"rlkd: error: {e}") from None
-        return
+    """`python -m rlkd.quantize SRC DST`: write the int4 checkpoint (`--eval` is rlkd.quantize's)."""
     parser = argparse.ArgumentParser(prog="python -m rlkd.quantize", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="checkpoint to quantize (local dir, hub id or embedded name)")
     parser.add_argument("dst", help="directory of the int4 checkpoint")
@@ -230,7 +223,7 @@ def main(argv: list[str]) -> None:
     try:
         info = quantize(resolve_model(args.src), args.dst, args.group_size)
     except InputError as e:
-        raise SystemExit(f"rlkd.quantize: error: {e}") from None
-    print(f"{args.dst}: {info['quantized_linears']} linear layers in int4 (group {args.group_size}), "
+        raise SystemExit(f"rlkd: error: {e}") from None
+    out(f"{args.dst}: {info['quantized_linears']} linear layers in int4 (group {args.group_size}), "
           f"{info['weights_bytes'] / 2**20:.1f} MiB of weights")
 

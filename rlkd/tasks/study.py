@@ -40,7 +40,7 @@ from rlkd.config import Config
 from rlkd.config_distill import StudyConfig, StudyScale
 from rlkd.config_distill import StudyVariant as V
 from rlkd.console import out, say
-from rlkd.errors import ConfigError, RunStopped
+from rlkd.errors import ConfigError, Interrupted, RunStopped
 from rlkd.hardware import rollout_dtype
 from rlkd.tasks.study_report import Row, write_report
 
@@ -429,7 +429,13 @@ class Study:
                   "root": str(self.root)}
         out(f"{tag}: running ({d / 'stage.log'})")
         started = time.perf_counter()
-        rc = self.execute(argv, d / "stage.log")
+        try:
+            rc = self.execute(argv, d / "stage.log")
+        except KeyboardInterrupt:  # the stage got the Ctrl-C too, and has stopped
+            self.log(stage, "interrupted", record)
+            raise Interrupted(f"interrupted in stage {stage.name} ({tag.split(']')[0]}]); the stages finished "
+                              f"before it are kept: rerun the same command with run.dir={self.root} to "
+                              "continue from this one") from None
         record["seconds"] = time.perf_counter() - started
         if rc != 0:
             self.log(stage, "failed", {**record, "exit": rc})
