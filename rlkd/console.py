@@ -133,11 +133,3 @@ def silence(stream) -> None:
     except (OSError, ValueError):
         pass
 
-
-def close_quietly(bar) -> None:
-    """Close a progress bar whose terminal may be gone (Ctrl-C through a pipe): its last
-    redraw must not replace the exception being handled."""
-    try:
-        bar.close()
-    except (BrokenPipeError, OSError, ValueError):
-        silence(terminal())

@@ -49,7 +49,7 @@ from rlkd.actors.rollout import generate_sharded
 from rlkd.actors.teacher import shared_vocab_size
 from rlkd.config import Config
 from rlkd.config_distill import DistillObjective, StudentInit
-from rlkd.console import close_quietly, out, terminal
+from rlkd.console import out, terminal
 from rlkd.data import PromptSampler, build_prompt, encode_prompt, gold_text, load_split
 from rlkd.lora import check_lora
 from rlkd.losses import BASELINES, group_advantages
@@ -151,7 +151,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
             progress.saved = progress.done
 
     def cleanup() -> None:
-        close_quietly(bar)
+        bar.close()  # its stream never raises (console.Unbreakable)
         tracker.close()
         plot_curves(run_dir / "metrics.jsonl", ["eval/reverse_kl", "train/single_step_kl", "train/jsd",
                                                 "train/forward_kl", "eval/accuracy"],

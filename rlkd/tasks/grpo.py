@@ -38,7 +38,7 @@ from rlkd.actors.recovery import (
 )
 from rlkd.actors.rollout import generate_sharded
 from rlkd.config import Config, Overlong
-from rlkd.console import close_quietly, out, terminal
+from rlkd.console import out, terminal
 from rlkd.data import PromptSampler
 from rlkd.losses import BASELINES, group_advantages
 from rlkd.preflight import load_inputs, reward_name
@@ -105,7 +105,7 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
             progress.saved = progress.done
 
     def cleanup() -> None:
-        close_quietly(bar)
+        bar.close()  # its stream never raises (console.Unbreakable)
         tracker.close()
         _plots(run_dir, cfg)
         if own_actors:

@@ -42,7 +42,7 @@ from rlkd.actors.recovery import (
 )
 from rlkd.actors.rollout import generate_sharded
 from rlkd.config import Config, SFTTarget
-from rlkd.console import close_quietly, out, terminal
+from rlkd.console import out, terminal
 from rlkd.data import (
     build_prompt,
     encode_prompt,
@@ -185,7 +185,7 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         return path
 
     def cleanup() -> None:
-        close_quietly(bar)
+        bar.close()  # its stream never raises (console.Unbreakable)
         tracker.close()
         plot_curves(run_dir / "metrics.jsonl", ["train/loss", "eval/heldout_nll"], run_dir / "loss.png",
                     "SFT loss (token-mean NLL)")
