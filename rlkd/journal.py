@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from rlkd.errors import InputError
+from rlkd.console import say
+from rlkd.errors import InputError, Interrupted
 
 
 class Journal:
@@ -74,3 +77,17 @@ def _read(path: Path, fingerprint: dict) -> dict[int, tuple[list[dict], float]]:
                 break
             raise InputError(f"{path}:{n}: not a journal line") from None
     return chunks
+
+
+@contextmanager
+def journaled(run_dir: Path, name: str, fingerprint: dict, resume: str, unit: str) -> Iterator[Journal]:
+    """The journal of one long generation in `run_dir`: says what a resume found, turns Ctrl-C
+    into the one line that names how to continue. The caller removes it once its results are written."""
+    journal = Journal(run_dir / name, fingerprint, resume=resume == "auto")
+    if journal.rows_done:
+        say(f"rlkd: resuming: {journal.rows_done} {unit} already done ({journal.path})")
+    try:
+        yield journal
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted with {journal.rows_done} {unit} kept in {journal.path}; continue with the "
+                          f"same command plus run.dir={run_dir} trainer.resume=auto") from None

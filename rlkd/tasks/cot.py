@@ -33,11 +33,11 @@ from rlkd.actors.cluster import init_ray, rollout_actor
 from rlkd.actors.recovery import shutdown
 from rlkd.actors.rollout import generate_sharded
 from rlkd.config import Config, PromptMode
-from rlkd.console import out, say, terminal
+from rlkd.console import out, terminal
 from rlkd.data import build_prompt, gold_text, load_split, read_jsonl
-from rlkd.errors import ConfigError, Interrupted
+from rlkd.errors import ConfigError
 from rlkd.filters import apply_filters, report_markdown
-from rlkd.journal import Journal
+from rlkd.journal import Journal, journaled
 from rlkd.models import resolve_model
 from rlkd.types import Example, SamplingSpec
 
@@ -210,25 +210,20 @@ def run(cfg: Config, run_dir: Path) -> dict:
         if c.prompt_mode == PromptMode.gold:
             samples = gold_samples(examples, tokenizer, cfg)
         else:
-            journal = Journal(run_dir / JOURNAL, fingerprint(cfg, teacher, len(examples)),
-                              resume=cfg.trainer.resume == "auto")
-            if journal.rows_done:
-                say(f"rlkd: resuming: {journal.rows_done} samples already written ({journal.path})")
             init_ray(cfg)
             rollouts = [rollout_actor(cfg, teacher, i, logprobs_mode="raw_logprobs")
                         for i in range(cfg.rollout.num_actors)]
             try:
-                ray.get([r.ready.remote() for r in rollouts])
-                samples, throughput = generate_samples(cfg, tokenizer, examples, rollouts, journal)
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted with {journal.rows_done} samples kept in {journal.path}; continue "
-                                  f"with the same command plus run.dir={run_dir} trainer.resume=auto") from None
+                with journaled(run_dir, JOURNAL, fingerprint(cfg, teacher, len(examples)), cfg.trainer.resume,
+                               "samples") as journal:
+                    ray.get([r.ready.remote() for r in rollouts])
+                    samples, throughput = generate_samples(cfg, tokenizer, examples, rollouts, journal)
             finally:
                 shutdown([], rollouts)
-            journal.path.unlink()  # samples.jsonl, written below, holds every sample
     kept, report = apply_filters(samples, cfg.filter)
     report["throughput"] = throughput
     write_outputs(samples, kept, report, cfg, run_dir)
+    (run_dir / JOURNAL).unlink(missing_ok=True)  # samples.jsonl holds every sample now
     (run_dir / "cot_metrics.json").write_text(json.dumps(throughput, indent=2))
     out(report_markdown(report, cfg.filter))
     if throughput:

@@ -20,10 +20,9 @@ from transformers import AutoTokenizer
 from rlkd.actors.cluster import engine_kwargs
 from rlkd.actors.rollout import RolloutWorker
 from rlkd.config import Config
-from rlkd.console import say
 from rlkd.data import load_split, read_jsonl, split_held_out
-from rlkd.errors import ConfigError, Interrupted
-from rlkd.journal import Journal
+from rlkd.errors import ConfigError
+from rlkd.journal import journaled
 from rlkd.models import count_parameters, resolve_model
 from rlkd.preflight import check_context, check_prompt_lengths
 from rlkd.scoring import PeakMemory, print_summary, print_table, score, write_results
@@ -47,21 +46,15 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
     check_prompt_lengths(tokenizer, examples, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
     spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens,
                         temperature=cfg.eval.temperature, seed=cfg.run.seed)
-    journal = Journal(run_dir / JOURNAL, {"model": str(model_path), "data": cfg.data.name, "split": cfg.data.split,
+    fingerprint = {"model": str(model_path), "data": cfg.data.name, "split": cfg.data.split,
                                           "held_out": cfg.data.held_out, "questions": len(examples),
                                           "max_tokens": spec.max_tokens, "temperature": spec.temperature,
-                                          "seed": spec.seed}, resume=cfg.trainer.resume == "auto")
-    if journal.rows_done:
-        say(f"rlkd: resuming: {journal.rows_done} of {len(examples)} questions already answered ({journal.path})")
+                                          "seed": spec.seed}
     start = time.perf_counter()
     with PeakMemory() as mem:
         worker = RolloutWorker(str(model_path), **engine_kwargs(cfg, seed=cfg.run.seed))
-        try:
+        with journaled(run_dir, JOURNAL, fingerprint, cfg.trainer.resume, "answers") as journal:
             predictions, metrics = score(worker.generate, tokenizer, examples, cfg.data, spec, journal=journal)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted with {journal.rows_done} of {len(examples)} questions answered, kept in "
-                              f"{journal.path}; continue with the same command plus run.dir={run_dir} "
-                              "trainer.resume=auto") from None
     metrics.update(
         parameters=count_parameters(model_path), peak_memory_gb=mem.peak / 2**30,
         engine_startup_s=worker.startup_seconds, wall_s=time.perf_counter() - start,
