@@ -303,6 +303,8 @@ def check_ranges(cfg: Config) -> None:
         ("trainer.eval_samples", t.eval_samples, t.eval_samples >= 1, ">= 1"),
         ("trainer.save_every", t.save_every, t.save_every >= 0, ">= 0"),
         ("trainer.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 0, ">= 0"),
+        ("trainer.collapse_window", t.collapse_window, t.collapse_window >= 0, ">= 0 (0 turns the check off)"),
+        ("trainer.collapse_length_ratio", t.collapse_length_ratio, 0 < t.collapse_length_ratio < 1, "in (0, 1)"),
         ("model.max_model_len", cfg.model.max_model_len, cfg.model.max_model_len >= 2, ">= 2"),
         ("learner.lora.rank", lr.lora.rank, lr.lora.rank >= 0, ">= 0 (0 trains every weight)"),
         ("learner.lora.alpha", lr.lora.alpha, lr.lora.alpha > 0, "> 0"),

@@ -342,6 +342,14 @@ class TrainerConfig:
     sides gives about 0.02-0.05, fp32 about 1e-4."""
     logp_mismatch_steps: int = 3
     """Consecutive steps over max_logp_mismatch before the run stops."""
+    collapse_window: int = 10
+    """Reward-hacking check (rlkd/collapse.py): steps 1..N are the baseline, the latest N steps
+    the current means; 0 turns the check off."""
+    collapse_length_ratio: float = 0.5
+    """A collapse: the mean completion length falls under this fraction of its baseline while
+    the task reward (the first of rewards.funcs) has not risen; the run prints one line."""
+    stop_on_collapse: bool = False
+    """Stop (after a checkpoint) when the collapse check trips, instead of only printing."""
 
 
 @dataclass

@@ -178,6 +178,8 @@ def test_every_field_has_a_docstring(cls):
         (["grpo.loss=ppo"], ["'grpo.loss'", "'ppo'", "grpo", "gspo", "cispo"]),
         (["grpo.adv_estimator=rloo", "grpo.group_size=1"], ["grpo.adv_estimator=rloo", "group_size >= 2"]),
         (["data.max_solution_steps=-1"], ["data.max_solution_steps=-1 must be >= 0"]),
+        (["trainer.collapse_length_ratio=1.5"], ["trainer.collapse_length_ratio=1.5 must be in (0, 1)"]),
+        (["trainer.collapse_window=-2"], ["trainer.collapse_window=-2 must be >= 0"]),
     ],
 )
 def test_cli_errors_are_one_line_and_name_the_culprit(overrides, expected):

@@ -37,6 +37,7 @@ from rlkd.actors.recovery import (
     training_tail,
 )
 from rlkd.actors.rollout import generate_sharded
+from rlkd.collapse import CollapseWatch
 from rlkd.config import Config, Overlong
 from rlkd.console import out, terminal
 from rlkd.data import PromptSampler
@@ -51,7 +52,7 @@ from rlkd.resume import (
 )
 from rlkd.sampling import repeat_each, sample_step
 from rlkd.scoring import score, write_results
-from rlkd.tracking import Timer, Tracker, plot_curves
+from rlkd.tracking import Timer, Tracker, plot_curves, read_metrics
 from rlkd.types import SamplingSpec, TrainBatch
 
 
@@ -85,6 +86,8 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
         return guard("generate", partial(generate_sharded, actors.rollouts, prompts, spec))
 
     signal_guard = SignalGuard(t, reward_fns)
+    collapse = CollapseWatch(t.collapse_window, t.collapse_length_ratio, list(reward_fns))
+    collapse.replay(read_metrics(run_dir / "metrics.jsonl"))  # a resumed run's steps 1..start_step
     eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
     metrics: dict[str, float] = {}
     progress = Progress(start_step, start_step, start_step)
@@ -175,6 +178,10 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
             tracker.log(step, metrics)
             bar.set_postfix(_postfix(metrics))
             stop = signal_guard.check(step, metrics)
+            hacking = collapse.observe(step, metrics)
+            if hacking:
+                bar.write(f"rlkd: {hacking}")
+                stop = stop or (hacking if t.stop_on_collapse else None)
             if stop:
                 if progress.saved < progress.done:
                     checkpoint()
