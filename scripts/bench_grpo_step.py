@@ -1,13 +1,15 @@
 """GRPO seconds per step: rlkd (Ray + vLLM + DeepSpeed) vs TRL's `GRPOTrainer`, same work.
 
-    python scripts/bench_grpo_step.py [--steps 3 --group-size 8 --prompts-per-step 2
+    python scripts/bench_grpo_step.py [--steps 6 --group-size 8 --prompts-per-step 2
                                        --max-tokens 128] [--side both|rlkd|trl] [--quick]
                                       [--workloads real,signal] [--dtype float32|bfloat16]
 
 Both sides train the same model (rlkd's embedded SmolLM2-135M-Instruct) in the same precision
-(--dtype: float32 by default on CPU, where both run fp32 end to end; bfloat16 is rlkd's
-bf16 vLLM plus a bf16-autocast learner over fp32 weights against TRL's `bf16=True`, the same
-autocast over fp32 weights; GPU runs bfloat16) on the same question pool (the first
+(--dtype: float32 by default on CPU, where both run fp32 end to end; bfloat16 is rlkd's bf16
+vLLM plus its `learner.dtype=autocast_bf16` learner, bf16 autocast over fp32 weights and
+optimizer state, which is what `learner.dtype=auto` gives users on a bf16-capable machine,
+against TRL's `bf16=True` over fp32 weights, the same autocast; GPU runs bfloat16) on the
+same question pool (the first
 prompts_per_step * steps GSM8K train questions, written to a temporary train.jsonl both sides
 read; each shuffles it its own way), rendered by `rlkd.data.build_prompt`, with the same
 rewards and:
@@ -37,7 +39,8 @@ learner; no eval, no periodic checkpoints) and reads `time/step` from metrics.js
 in this process with HF `generate` on CPU and its colocated vLLM on GPU; a TrainerCallback takes
 the wall time between optimizer steps, and the time in `_generate_and_score_completions`
 (generation, rewards, advantages) is split out. The first --warmup steps (compilation, caches,
-allocator growth) are left out of both means. Time outside the steps (start-up; for rlkd also
+allocator growth) are left out; each side reports the median of the timed steps (the
+headline figure and the ratio) with their min and max, and the mean in the JSON. Time outside the steps (start-up; for rlkd also
 the final checkpoint and shutdown) is reported apart. Completion tokens are counted the same
 way on both sides, from the tokens each trained on (rlkd: `completion/mean_tokens`; TRL: its
 `completion_mask`, EOS included, as vLLM's token ids include it); TRL's own
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,6 +92,12 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def spread(timed: list[float]) -> dict:
+    """Median (the headline), min, max and mean of the timed steps' seconds."""
+    return {"step_s": statistics.median(timed), "step_min_s": min(timed), "step_max_s": max(timed),
+            "step_mean_s": mean(timed), "timed_steps": len(timed)}
+
+
 def run_rlkd(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict:
     run_dir = work / f"rlkd-run-{workload}"
     funcs, weights, _ = WORKLOADS[workload]
@@ -98,7 +108,8 @@ def run_rlkd(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict
         f"rollout.max_new_tokens={args.max_tokens}", f"learner.lr={args.lr}",
         f"learner.micro_batch_size={MICRO_BATCH}", f"rewards.funcs=[{','.join(funcs)}]",
         f"rewards.weights=[{','.join(map(str, weights))}]",
-        f"rollout.dtype={args.dtype}", f"learner.dtype={args.dtype}",
+        # The learner's bf16 is autocast over fp32 weights, as TRL's bf16=True (and rlkd's default).
+        f"rollout.dtype={args.dtype}", f"learner.dtype={'autocast_bf16' if args.dtype == 'bfloat16' else 'float32'}",
     ]
     if gpu:
         share = 1 if torch.cuda.device_count() > 1 else 0.5
@@ -110,9 +121,8 @@ def run_rlkd(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict
         raise SystemExit(f"rlkd run failed (exit {proc.returncode}); see its output above")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     timed = rows[args.warmup:]
-    step_s = mean([r["time/step"] for r in timed])
     return {
-        "step_s": step_s,
+        **spread([r["time/step"] for r in timed]),
         "steps_s": [r["time/step"] for r in rows],
         "phases_s": {p: mean([r.get(f"time/{p}", 0.0) for r in timed])
                      for p in ("generate", "reward", "train", "sync")},
@@ -177,8 +187,8 @@ def run_trl(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict:
         use_cpu=not gpu, bf16=bf16, use_vllm=gpu, vllm_mode="colocate",
         logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
     )
-    # fp32 weights under bf16 autocast on CPU, as rlkd's learner; GPU loads bf16 weights.
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if gpu else torch.float32)
+    # fp32 weights, under bf16 autocast with bf16=True: the precision of rlkd's learner.
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     clock = StepClock()
     trainer = TimedGRPOTrainer(
         model=model, reward_funcs=[load_reward(spec) for spec in specs], args=config,
@@ -191,7 +201,7 @@ def run_trl(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict:
     gen = mean(trainer.generate_s[args.warmup:])
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     return {
-        "step_s": mean(timed),
+        **spread(timed),
         "steps_s": clock.steps_s,
         "phases_s": {"generate+score": gen, "train": mean(timed) - gen},
         "completion_tokens": mean(trainer.tokens_per_row[args.warmup:]),
@@ -203,7 +213,7 @@ def run_trl(args, workload: str, data_dir: Path, work: Path, gpu: bool) -> dict:
 
 def main() -> None:
     p = parser("bench_grpo_step", __doc__)
-    p.add_argument("--steps", type=int, default=3, help="GRPO steps per side (the first --warmup are not timed)")
+    p.add_argument("--steps", type=int, default=6, help="GRPO steps per side (the first --warmup are not timed)")
     p.add_argument("--warmup", type=int, default=1, help="steps left out of the mean")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=2)
@@ -238,9 +248,9 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    headers = ["workload", "side", "s/step", "phases (s/step)", "completion tokens",
+    headers = ["workload", "side", "s/step (median)", "min", "max", "phases (mean s/step)", "completion tokens",
                "zero-variance groups", "outside steps s"]
-    rows = [[w, name, r["step_s"], ", ".join(f"{k} {v:.1f}" for k, v in r["phases_s"].items()),
+    rows = [[w, name, r["step_s"], r["step_min_s"], r["step_max_s"], ", ".join(f"{k} {v:.1f}" for k, v in r["phases_s"].items()),
              r["completion_tokens"], r["frac_zero_std_groups"], r["startup_s"]]
             for w, sides in results.items() for name, r in sides.items()]
     batch = f"{args.prompts_per_step}x{args.group_size} completions x {args.max_tokens} tokens"
