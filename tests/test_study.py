@@ -16,7 +16,16 @@ from rlkd.config_distill import StudyVariant as V
 from rlkd.errors import ConfigError, RunStopped
 from rlkd.filters import apply_filters, report_markdown
 from rlkd.stats import wilson_interval
-from rlkd.tasks.study import SCALES, Study, confidence_threshold, inherited, sizes, validate
+from rlkd.tasks import study
+from rlkd.tasks.study import (
+    SCALES,
+    Study,
+    confidence_threshold,
+    inherited,
+    run_subprocess,
+    sizes,
+    validate,
+)
 
 
 def study_cfg(*overrides: str):
@@ -40,8 +49,9 @@ class FakeStages:
         self.calls: list[tuple[str, list[str]]] = []
         self.configs = {}
 
-    def __call__(self, argv: list[str], log: Path) -> int:
+    def __call__(self, argv: list[str], log: Path, tick) -> int:
         module, args = argv[2], argv[3:]
+        tick()  # the study bar's redraw, as run_subprocess calls it while a stage runs
         self.calls.append((log.parent.name, args))
         log.write_text("fake stage\n")
         if self.fail and self.fail in str(log.parent):
@@ -339,3 +349,21 @@ def test_a_typo_in_stage_args_stops_before_any_stage(tmp_path):
     message = str(info.value)
     assert message.startswith("study.sft_args") and "'learner.lr'" in message and "\n" not in message
     assert fake.calls == []
+
+
+def test_the_study_bar_counts_stages_and_stage_lines_print_above_it(tmp_path, capsys):
+    Study(study_cfg("study.variants=[no_kd,gold,teacher]", "study.rl_base=gold"), tmp_path / "study",
+          FakeStages(tmp_path)).run()
+    captured = capsys.readouterr()
+    stages = [x for x in captured.out.splitlines() if x.startswith("[")]
+    assert stages and all(re.match(r"\[\d+/\d+\] ", x) for x in stages)
+    total = int(stages[0].split("/")[1].split("]")[0])
+    assert f"{total}/{total}" in captured.err and "study" in captured.err and "stage" in captured.err
+
+
+def test_run_subprocess_ticks_while_a_stage_runs_and_returns_its_exit(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "TICK_S", 0.05)
+    ticks = []
+    rc = run_subprocess(["python", "-c", "import time, sys; print('hi'); time.sleep(0.4); sys.exit(3)"],
+                        tmp_path / "stage.log", lambda: ticks.append(1))
+    assert rc == 3 and len(ticks) >= 3 and (tmp_path / "stage.log").read_text() == "hi\n"

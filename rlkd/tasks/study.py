@@ -35,11 +35,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+from tqdm import tqdm
+
 from rlkd.compose import changes, hydra_value, load_config
 from rlkd.config import Config
 from rlkd.config_distill import StudyConfig, StudyScale
 from rlkd.config_distill import StudyVariant as V
-from rlkd.console import out, say
+from rlkd.console import out, terminal
 from rlkd.errors import ConfigError, Interrupted, RunStopped
 from rlkd.hardware import rollout_dtype
 from rlkd.tasks.study_report import Row, write_report
@@ -69,6 +71,7 @@ UNFILTERED = ["filter.correct=false", "filter.answer_line=false", "filter.drop_t
               "filter.dedup_jaccard=0", "filter.select=first"]
 CONFIDENT = ["filter.correct=false", "filter.select=confident"]
 MARKER = "stage.json"
+TICK_S = 5  # seconds between redraws of the study bar while a stage runs
 
 
 @dataclass(frozen=True)
@@ -187,13 +190,18 @@ def confidence_threshold(samples: Path, quantile: float) -> float:
     return min(statistics.quantiles(values, n=1000)[round(quantile * 1000) - 1], -1e-6)
 
 
-def run_subprocess(argv: list[str], log: Path) -> int:
-    """Run one stage with its output in `log`; on Ctrl-C wait for it to stop its own actors (it
-    got the same signal), since killing it would orphan them."""
+def run_subprocess(argv: list[str], log: Path, tick: Callable[[], None]) -> int:
+    """Run one stage with its output in `log`, calling `tick` every few seconds (the progress
+    bar's clock); on Ctrl-C wait for it to stop its own actors (it got the same signal), since
+    killing it would orphan them."""
     with log.open("w") as f:
         proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT)
         try:
-            return proc.wait()
+            while True:
+                try:
+                    return proc.wait(timeout=TICK_S)
+                except subprocess.TimeoutExpired:
+                    tick()
         except KeyboardInterrupt:
             proc.wait()
             raise
@@ -202,8 +210,10 @@ def run_subprocess(argv: list[str], log: Path) -> int:
 class Study:
     """The study's stages, in order, and the loop that runs or skips them."""
 
-    def __init__(self, cfg: Config, root: Path, execute: Callable[[list[str], Path], int] = run_subprocess):
+    def __init__(self, cfg: Config, root: Path,
+                 execute: Callable[[list[str], Path, Callable[[], None]], int] = run_subprocess):
         self.cfg, self.s, self.root, self.execute = cfg, cfg.study, root.resolve(), execute
+        self.bar: tqdm | None = None
         self.on, self.z, self.changed = set(cfg.study.variants), sizes(cfg.study), changes(cfg)
 
     # --- what each stage runs ----------------------------------------------------------------
@@ -401,8 +411,17 @@ class Study:
         out(f"rlkd: study of {len(stages)} stages in {self.root} (seeds {self.s.seeds}, scale "
               f"{self.s.scale.value}); rerun with run.dir={self.root} to resume")
         start = time.perf_counter()
-        for i, stage in enumerate(stages, 1):
-            self.run_stage(stage, f"[{i}/{len(stages)}] {stage.name}")
+        # One bar over the stages (each stage's own bars go to its stage.log); the stage lines
+        # print above it.
+        self.bar = tqdm(total=len(stages), desc="study", unit="stage", file=terminal(), dynamic_ncols=True)
+        try:
+            for i, stage in enumerate(stages, 1):
+                self.bar.set_postfix_str(stage.name)
+                self.run_stage(stage, f"[{i}/{len(stages)}] {stage.name}")
+                self.bar.update(1)
+        finally:
+            self.bar.close()
+            self.bar = None
         path = write_report(self.root, self.header(), {seed: self.rows(seed) for seed in self.s.seeds},
                             self.states(), self.not_run())
         out(f"rlkd: study finished in {_clock(time.perf_counter() - start)}: {path}")
@@ -413,13 +432,13 @@ class Study:
         if (d / MARKER).is_file():
             done = json.loads((d / MARKER).read_text())
             self.check_unchanged(stage, done)
-            out(f"{tag}: done earlier, skipped")
+            self.note(f"{tag}: done earlier, skipped")
             self.log(stage, "skipped", done)
             return
         try:
             args = stage.args()
         except NoInput as e:
-            out(f"{tag}: not run: {e}")
+            self.note(f"{tag}: not run: {e}")
             self.log(stage, "no_input", {"reason": str(e)})
             return
         shutil.rmtree(d, ignore_errors=True)  # what a killed attempt left
@@ -427,10 +446,10 @@ class Study:
         argv = [sys.executable, "-m", stage.module, *args]
         record = {"command": shlex.join(["python", "-m", stage.module, *args]), "seed": stage.seed,
                   "root": str(self.root)}
-        out(f"{tag}: running ({d / 'stage.log'})")
+        self.note(f"{tag}: running ({d / 'stage.log'})")
         started = time.perf_counter()
         try:
-            rc = self.execute(argv, d / "stage.log")
+            rc = self.execute(argv, d / "stage.log", self.bar.refresh if self.bar else lambda: None)
         except KeyboardInterrupt:  # the stage got the Ctrl-C too, and has stopped
             self.log(stage, "interrupted", record)
             raise Interrupted(f"interrupted in stage {stage.name} ({tag.split(']')[0]}]); the stages finished "
@@ -440,12 +459,20 @@ class Study:
         if rc != 0:
             self.log(stage, "failed", {**record, "exit": rc})
             tail = (d / "stage.log").read_text(errors="replace").splitlines()[-15:] if (d / "stage.log").exists() else []
-            say("\n".join(f"    {line}" for line in tail))
+            self.note("\n".join(f"    {line}" for line in tail))
             raise RunStopped(f"stage {stage.name} failed (exit {rc}), log {d / 'stage.log'}; fix it and rerun "
                              f"the same command with run.dir={self.root} to resume")
         _write_json(d / MARKER, {**record, "finished": datetime.now().isoformat(timespec="seconds")})
-        out(f"{tag}: done in {_clock(record['seconds'])}")
+        self.note(f"{tag}: done in {_clock(record['seconds'])}")
         self.log(stage, "done", record)
+
+    def note(self, line: str) -> None:
+        """A stage's line, printed above the study's bar."""
+        if self.bar is not None:
+            self.bar.clear()
+        out(line)
+        if self.bar is not None:
+            self.bar.refresh()
 
     def check_unchanged(self, stage: Stage, done: dict) -> None:
         """Reuse a finished stage only if this study would run it the same way: a changed key
