@@ -23,6 +23,7 @@ from rewards.format import (
     format_answer_line_partial,
     format_think,
     format_think_partial,
+    worked_answer_line,
 )
 from rewards.gsm8k import gsm8k_correct
 from rlkd.errors import InputError, RunStopped
@@ -36,6 +37,7 @@ REGISTRY: dict[str, Callable] = {
     "format_answer_line_partial": format_answer_line_partial,
     "format_think": format_think,
     "format_think_partial": format_think_partial,
+    "worked_answer_line": worked_answer_line,
 }
 
 

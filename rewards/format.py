@@ -3,7 +3,10 @@
 All are pure string checks, linear in the completion length, so hostile input is cheap.
 """
 
+import math
 import re
+
+from rewards.arithmetic import equations
 
 _ANSWER_LINE_RE = re.compile(r"####\s*-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?", re.ASCII)
 _HASHES_NUMBER_RE = re.compile(r"####[ \t]*-?\.?\d", re.ASCII)
@@ -17,6 +20,20 @@ def format_answer_line(completions: list[str], **_) -> list[float]:
     else: no units, `$` or trailing text. Surrounding whitespace on the line is ignored.
     """
     return [float(_last_line_is_answer(c)) for c in completions]
+
+
+def worked_answer_line(completions: list[str], truncated: list[bool] | None = None, **_) -> list[float]:
+    """1.0 if the last line is `#### <number>` and that number is the result of an equation
+    the completion wrote before it (`... = N`), else 0.0; a completion cut at the token cap
+    scores 0.
+
+    `format_answer_line` pays the same for a bare `#### N` as for a worked answer, and on GSM8K
+    the main job learned exactly that (completions 168 -> 24 tokens, correctness flat). Here
+    the answer line earns only as the end of written work. Whether the work is right is
+    `arithmetic_steps`' and the correctness reward's business, not this one's.
+    """
+    cut = truncated if truncated is not None else [False] * len(completions)
+    return [float(not c and _answer_follows_work(text)) for text, c in zip(completions, cut, strict=True)]
 
 
 def format_answer_line_partial(completions: list[str], **_) -> list[float]:
@@ -53,6 +70,15 @@ def format_think_partial(completions: list[str], **_) -> list[float]:
 def _last_line_is_answer(completion: str) -> bool:
     lines = completion.rstrip().rsplit("\n", 1)
     return _ANSWER_LINE_RE.fullmatch(lines[-1].strip()) is not None
+
+
+def _answer_follows_work(completion: str) -> bool:
+    head, _, last = completion.rstrip().rpartition("\n")
+    match = _ANSWER_LINE_RE.fullmatch(last.strip())
+    if match is None:
+        return False
+    answer = float(last.strip()[4:].strip().replace(",", ""))
+    return any(math.isclose(claimed, answer, rel_tol=1e-6, abs_tol=1e-9) for _, claimed, _ in equations(head))
 
 
 def _answer_line_partial(completion: str) -> float:

@@ -15,6 +15,7 @@ from rewards.format import (
     format_answer_line_partial,
     format_think,
     format_think_partial,
+    worked_answer_line,
 )
 from rewards.gsm8k import gsm8k_correct
 from rlkd.answer import answers_match, extract_answer, is_correct
@@ -129,6 +130,27 @@ def test_format_answer_line(completion, line, partial):
 
 
 @pytest.mark.parametrize(
+    "completion,truncated,worked",
+    [
+        ("9 * 2 = 18\n#### 18", False, 1.0),
+        ("She has 3 + 4 = 7 apples, 7 * 2 = 14.\nSo 14 - 1 = 13\n#### 13", False, 1.0),
+        ("1,200 / 3 = 400\n#### 400.0", False, 1.0),
+        ("9 * 2 = 18\n#### 18", True, 0.0),  # cut at the cap
+        ("#### 18", False, 0.0),  # the bare answer the main job collapsed to
+        ("The answer is 18.\n#### 18", False, 0.0),  # words, no equation
+        ("9 * 2 = 18\n#### 19", False, 0.0),  # the answer is not the work's result
+        ("9 * 2 = 19\n#### 19", False, 1.0),  # wrong work still ends in its own result
+        ("#### 18\n9 * 2 = 18", False, 0.0),  # work after the answer line
+        ("9 * 2 = 18\n#### 18 dollars", False, 0.0),
+        ("", False, 0.0),
+    ],
+)
+def test_worked_answer_line_pays_only_an_answer_that_ends_written_work(completion, truncated, worked):
+    assert worked_answer_line([completion], truncated=[truncated]) == [worked]
+    assert format_answer_line([completion]) == [1.0] or worked == 0.0  # it never pays more than the plain line
+
+
+@pytest.mark.parametrize(
     "completion,full,partial",
     [
         ("<think>9 * 2 = 18</think>\n#### 18", 1.0, 1.0),
@@ -161,7 +183,7 @@ def test_load_reward_by_name_dotted_path_and_file():
         (
             "gsm8k_corect",
             "reward 'gsm8k_corect': unknown name (built-ins: gsm8k_correct, arithmetic_steps, format_answer_line, "
-            "format_answer_line_partial, format_think, format_think_partial; or use "
+            "format_answer_line_partial, format_think, format_think_partial, worked_answer_line; or use "
             "'pkg.module:fn' / 'path/to/file.py:fn'); did you mean 'gsm8k_correct'?",
         ),
         ("zzz", "reward 'zzz': unknown name (built-ins: gsm8k_correct"),
