@@ -8,14 +8,10 @@ via `**_`. None means "not applicable": it counts as 0 in the weighted total and
 NaN in the raw scores.
 """
 
-import difflib
-import importlib
-import importlib.util
 import logging
 import math
 import numbers
 from collections.abc import Callable
-from pathlib import Path
 
 from rewards.arithmetic import arithmetic_steps
 from rewards.format import (
@@ -26,7 +22,9 @@ from rewards.format import (
     worked_answer_line,
 )
 from rewards.gsm8k import gsm8k_correct
+from rlkd.console import one_line
 from rlkd.errors import InputError, RunStopped
+from rlkd.plugins import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -50,46 +48,10 @@ def load_reward(spec: str) -> Callable:
 
     Raises InputError (a ValueError) with a one-line message naming the spec and what is wrong.
     """
-    if spec in REGISTRY:
-        return REGISTRY[spec]
-    if ":" not in spec:
-        close = difflib.get_close_matches(spec, REGISTRY, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise InputError(
-            f"reward '{spec}': unknown name (built-ins: {', '.join(REGISTRY)}; "
-            f"or use 'pkg.module:fn' / 'path/to/file.py:fn'){hint}"
-        )
-    where, _, attr = spec.rpartition(":")
-    module = _load_file(spec, where) if where.endswith(".py") else _import(spec, where)
-    if not hasattr(module, attr):
-        raise InputError(f"reward '{spec}': '{where}' has no attribute '{attr}'")
-    fn = getattr(module, attr)
+    fn = resolve(spec, "reward", REGISTRY)
     if not callable(fn):
-        raise InputError(f"reward '{spec}': '{attr}' is not callable (got {type(fn).__name__})")
+        raise InputError(f"reward '{spec}': '{spec.rpartition(':')[2]}' is not callable (got {type(fn).__name__})")
     return fn
-
-
-def _import(spec: str, name: str):
-    try:
-        return importlib.import_module(name)
-    except Exception as e:
-        raise InputError(f"reward '{spec}': cannot import '{name}': {_one_line(e)}") from e
-
-
-def _load_file(spec: str, path: str):
-    file = Path(path)
-    if not file.is_file():
-        raise InputError(f"reward '{spec}': file not found: {file.resolve()}")
-    # A private module name per path, so two files both called rewards.py don't collide.
-    module_spec = importlib.util.spec_from_file_location(
-        f"_rlkd_reward_{abs(hash(file.resolve()))}", file
-    )
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise InputError(f"reward '{spec}': error loading {file}: {_one_line(e)}") from e
-    return module
 
 
 def compute_rewards(
@@ -136,7 +98,7 @@ def _checked_scores(name: str, fn: Callable, completions: list[str], columns: di
     try:
         scores = fn(completions, **columns)
     except Exception as e:
-        raise RewardError(f"reward '{name}' raised {_one_line(e)}") from e
+        raise RewardError(f"reward '{name}' raised {one_line(e)}") from e
     if not isinstance(scores, (list, tuple)):
         raise RewardError(f"reward '{name}' returned a {type(scores).__name__}, not a list")
     if len(scores) != len(completions):
@@ -165,6 +127,3 @@ def _short_repr(value) -> str:
         return f"a huge {type(value).__name__}"
 
 
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

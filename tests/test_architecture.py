@@ -45,7 +45,7 @@ def rank(module: str) -> int:
 def modules(root: Path) -> dict[str, Path]:
     """Every module of the rlkd and rewards packages under `root`, by dotted name."""
     found = {}
-    for package in ("rlkd", "rewards"):
+    for package in ("rlkd", "rewards", "environments"):
         for path in sorted((root / package).rglob("*.py")):
             parts = path.relative_to(root).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

@@ -1,0 +1,36 @@
+"""A calculator environment: the model asks, exact arithmetic answers.
+
+GSM8K was introduced with one (Cobbe et al. 2021, "Training Verifiers to Solve Math Word
+Problems": a calculator filled in each `<<48/2=24>>` annotation at sampling time), and the
+embedded 135M model gets about half of its own `a op b = c` steps wrong. Evaluation is
+rlkd.equations' recursive-descent grammar over + - * / and parentheses in exact fractions: no
+`eval`, no names, no powers, bounded input, so nothing a completion writes can run code or
+take long.
+"""
+
+from rlkd.equations import evaluate, format_number
+
+MAX_EXPRESSION = 200  # characters: longer is an error, so a runaway expression costs nothing
+
+
+class Calculator:
+    """Exact + - * / arithmetic for word problems; the answer is still the model's to write."""
+
+    def reset(self, row: dict) -> None:
+        """A new episode (the question's row); the calculator keeps no state between calls."""
+
+    def calculate(self, expression: str) -> str:
+        """Evaluate an arithmetic expression of numbers, + - * / and parentheses.
+
+        Args:
+            expression: for example "48 / 2" or "(3 + 4) * 12.5".
+        Returns the value as a plain decimal ("24", "87.5"), or a line starting "error:".
+        """
+        if not isinstance(expression, str) or not expression.strip():
+            return "error: expression must be a non-empty string"
+        if len(expression) > MAX_EXPRESSION:
+            return f"error: expression longer than {MAX_EXPRESSION} characters"
+        try:
+            return format_number(evaluate(expression.replace(",", "").replace("x", "*").replace("×", "*")))
+        except (ValueError, ZeroDivisionError, RecursionError) as e:
+            return f"error: {e}"
