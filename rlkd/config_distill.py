@@ -5,7 +5,7 @@ objective and the one-command study, with their choices. `rlkd.config.Config` ho
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 
@@ -107,7 +107,7 @@ class DistillConfig:
 @dataclass
 class StudyConfig:
     scale: StudyScale = StudyScale.default
-    """Sizes preset (rlkd.tasks.study.SCALES): `tiny` is a smoke run, `default` about an hour on 2 CPU
+    """Sizes preset (SCALES below): `tiny` is a smoke run, `default` about an hour on 2 CPU
     cores, `large` the whole GSM8K splits for GPUs; the nonzero counts below override it."""
     variants: list[StudyVariant] = field(default_factory=lambda: list(StudyVariant))
     """Rows of the study: no_kd, answer_only, cot_unfiltered, cot_correct, cot_confident,
@@ -149,3 +149,40 @@ class StudyConfig:
     """Extra key=value overrides for the MiniLLM stage."""
     eval_args: list[str] = field(default_factory=list)
     """Extra key=value overrides for every evaluation stage."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    cot_questions: int
+    """Training questions the teacher answers (0: the whole split)."""
+    temperatures: tuple[float, ...]
+    cot_max_tokens: int
+    sft_steps: int
+    sft_batch: int
+    rl_steps: int
+    rl_prompts: int
+    rl_group: int
+    rl_max_tokens: int
+    eval_questions: int
+    """First N test questions (0: all 1319)."""
+    eval_max_tokens: int
+
+
+SCALES = {
+    StudyScale.tiny: Sizes(cot_questions=12, temperatures=(0.7,), cot_max_tokens=128, sft_steps=2,
+                           sft_batch=4, rl_steps=1, rl_prompts=2, rl_group=2, rl_max_tokens=48,
+                           eval_questions=12, eval_max_tokens=96),
+    StudyScale.default: Sizes(cot_questions=96, temperatures=(0.3, 0.7), cot_max_tokens=256, sft_steps=16,
+                              sft_batch=4, rl_steps=4, rl_prompts=2, rl_group=4, rl_max_tokens=128,
+                              eval_questions=96, eval_max_tokens=256),
+    StudyScale.large: Sizes(cot_questions=0, temperatures=(0.3, 0.5, 0.7), cot_max_tokens=384, sft_steps=1000,
+                            sft_batch=32, rl_steps=200, rl_prompts=16, rl_group=8, rl_max_tokens=384,
+                            eval_questions=0, eval_max_tokens=384),
+}
+
+
+def sizes(s: StudyConfig) -> Sizes:
+    """The scale's sizes with the explicit nonzero counts of study.* in their place."""
+    explicit = {"cot_questions": s.cot_questions, "eval_questions": s.eval_questions,
+                "sft_steps": s.sft_steps, "rl_steps": s.rl_steps}
+    return replace(SCALES[s.scale], **{k: v for k, v in explicit.items() if v > 0})

@@ -11,19 +11,17 @@ from pathlib import Path
 import pytest
 
 from rlkd.compose import changes, hydra_value, load_config, parse_argv
-from rlkd.config_distill import StudyScale
+from rlkd.config_distill import SCALES, StudyScale, sizes
 from rlkd.config_distill import StudyVariant as V
 from rlkd.errors import ConfigError, RunStopped
 from rlkd.filters import apply_filters, report_markdown
 from rlkd.stats import wilson_interval
 from rlkd.tasks import study
 from rlkd.tasks.study import (
-    SCALES,
     Study,
     confidence_threshold,
     inherited,
     run_subprocess,
-    sizes,
     validate,
 )
 

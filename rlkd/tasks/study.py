@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from rlkd.compose import changes, hydra_value, load_config
 from rlkd.config import Config
-from rlkd.config_distill import StudyConfig, StudyScale
 from rlkd.config_distill import StudyVariant as V
+from rlkd.config_distill import sizes
 from rlkd.console import out, terminal
 from rlkd.errors import ConfigError, Interrupted, RunStopped
 from rlkd.hardware import rollout_dtype
@@ -74,34 +74,6 @@ MARKER = "stage.json"
 TICK_S = 5  # seconds between redraws of the study bar while a stage runs
 
 
-@dataclass(frozen=True)
-class Sizes:
-    cot_questions: int
-    """Training questions the teacher answers (0: the whole split)."""
-    temperatures: tuple[float, ...]
-    cot_max_tokens: int
-    sft_steps: int
-    sft_batch: int
-    rl_steps: int
-    rl_prompts: int
-    rl_group: int
-    rl_max_tokens: int
-    eval_questions: int
-    """First N test questions (0: all 1319)."""
-    eval_max_tokens: int
-
-
-SCALES = {
-    StudyScale.tiny: Sizes(cot_questions=12, temperatures=(0.7,), cot_max_tokens=128, sft_steps=2,
-                           sft_batch=4, rl_steps=1, rl_prompts=2, rl_group=2, rl_max_tokens=48,
-                           eval_questions=12, eval_max_tokens=96),
-    StudyScale.default: Sizes(cot_questions=96, temperatures=(0.3, 0.7), cot_max_tokens=256, sft_steps=16,
-                              sft_batch=4, rl_steps=4, rl_prompts=2, rl_group=4, rl_max_tokens=128,
-                              eval_questions=96, eval_max_tokens=256),
-    StudyScale.large: Sizes(cot_questions=0, temperatures=(0.3, 0.5, 0.7), cot_max_tokens=384, sft_steps=1000,
-                            sft_batch=32, rl_steps=200, rl_prompts=16, rl_group=8, rl_max_tokens=384,
-                            eval_questions=0, eval_max_tokens=384),
-}
 # Sections of the study's own config each kind of stage inherits, as overrides of what differs
 # from the defaults (data.path, model.max_model_len, rollout.kv_cache_gb, learner.gpus, ...).
 INHERITED = {"cot": ("data", "model", "rollout", "ray", "cot", "filter"),
@@ -111,13 +83,6 @@ INHERITED = {"cot": ("data", "model", "rollout", "ray", "cot", "filter"),
                          "distill", "student"),
              "eval": ("data", "model", "rollout", "eval")}
 RECIPES = {"cot": "cot_gsm8k", "sft": "sft_gsm8k", "grpo": "grpo_gsm8k", "minillm": "minillm_gsm8k"}
-
-
-def sizes(s: StudyConfig) -> Sizes:
-    """The scale's sizes with the explicit nonzero counts of study.* in their place."""
-    explicit = {"cot_questions": s.cot_questions, "eval_questions": s.eval_questions,
-                "sft_steps": s.sft_steps, "rl_steps": s.rl_steps}
-    return replace(SCALES[s.scale], **{k: v for k, v in explicit.items() if v > 0})
 
 
 def validate(cfg: Config) -> None:
