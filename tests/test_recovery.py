@@ -186,14 +186,34 @@ def test_a_cut_short_eval_still_logs_its_step(tmp_path):
     with timer("train"):
         pass
     with pytest.raises(KeyboardInterrupt):
-        with booked_on_interrupt(tracker, 3, {"train/loss": 0.5}, timer):
+        with booked_on_interrupt(tracker, 3, lambda: {"train/loss": 0.5}, timer):
             raise KeyboardInterrupt
     with pytest.raises(ValueError):  # other failures are not a Ctrl-C: nothing is logged
-        with booked_on_interrupt(tracker, 4, {"train/loss": 0.25}, timer):
+        with booked_on_interrupt(tracker, 4, lambda: {"train/loss": 0.25}, timer):
             raise ValueError
     tracker.close()
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["train/loss"], "time/train" in r) for r in rows] == [(3, 0.5, True)]
+
+
+def test_a_ctrl_c_held_through_an_update_logs_the_step_it_finished(tmp_path):
+    """The e2e interrupt test found steps 4, 5 and 7 missing from a resumed run's metrics: a
+    Ctrl-C held through the update acted before the step was logged."""
+    import signal
+
+    from rlkd.actors.recovery import booked_on_interrupt, hold_interrupts
+    from rlkd.tracking import Timer, Tracker, read_metrics
+
+    tracker, timer = Tracker(tmp_path), Timer(5)
+    metrics = {}
+    with pytest.raises(KeyboardInterrupt):
+        with booked_on_interrupt(tracker, 5, lambda: metrics, timer):
+            with hold_interrupts("finishing step 5"), timer("train"):
+                os.kill(os.getpid(), signal.SIGINT)  # lands mid-update
+                metrics = {"train/loss": 0.125}  # the update's result, bound after the Ctrl-C
+    tracker.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["train/loss"], "time/train" in r) for r in rows] == [(5, 0.125, True)]
 
 
 def test_interrupt_message_names_the_checkpoint_and_the_command(tmp_path):

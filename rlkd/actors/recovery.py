@@ -187,13 +187,16 @@ def save_on_interrupt(save: Callable[[], T]) -> T:
 
 
 @contextmanager
-def booked_on_interrupt(tracker: Tracker, step: int, metrics: dict[str, float], timer: Timer) -> Iterator[None]:
-    """Ctrl-C in a finished step's evaluation (the one long phase not held) still logs the step's
-    metrics, without the cut-short eval, before the interrupt acts."""
+def booked_on_interrupt(tracker: Tracker, step: int, metrics: Callable[[], dict[str, float]],
+                        timer: Timer) -> Iterator[None]:
+    """Around everything a step does after its update is held: a Ctrl-C in the update or the
+    sync (acting when the hold ends), in the evaluation (the one long phase not held) or in a
+    checkpoint write still logs the step's metrics, without a cut-short eval, before the
+    interrupt acts. `metrics` is read then, since the step fills it as it goes."""
     try:
         yield
     except KeyboardInterrupt:
-        tracker.log(step, {**metrics, **timer.metrics()})
+        tracker.log(step, {**metrics(), **timer.metrics()})
         raise
 
 

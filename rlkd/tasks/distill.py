@@ -203,23 +203,25 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
                                 for ex in sft],
                 sft_completion_ids=[reference_ids(tokenizer, ex, cfg.rollout.max_new_tokens) for ex in sft],
                 student_logprobs=gen.logprobs if on_policy else [])
-            with hold_interrupts(f"finishing step {step} (its update is on the learner)"):
-                with timer("train"):
-                    metrics = ray.get(learner.distill_step.remote(batch))
-                with timer("sync"):
-                    sync_weights(actors)
-                lengths = [len(c) for c in completion_ids]
-                metrics.update(metrics_extra)
-                metrics.update({"train/on_policy": float(on_policy),
-                                "completion/mean_tokens": sum(lengths) / len(lengths),
-                                "time/step": time.perf_counter() - start})
-                progress.done = step
-            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                with booked_on_interrupt(tracker, step, metrics, timer), timer("eval"):
-                    metrics.update(held_out_metrics())
+            # Once the update is held, a Ctrl-C anywhere in the step logs the step before it acts.
+            with booked_on_interrupt(tracker, step, lambda: metrics, timer):  # noqa: B023 (read late, on purpose)
+                with hold_interrupts(f"finishing step {step} (its update is on the learner)"):
+                    with timer("train"):
+                        metrics = ray.get(learner.distill_step.remote(batch))
+                    with timer("sync"):
+                        sync_weights(actors)
+                    lengths = [len(c) for c in completion_ids]
+                    metrics.update(metrics_extra)
+                    metrics.update({"train/on_policy": float(on_policy),
+                                    "completion/mean_tokens": sum(lengths) / len(lengths),
+                                    "time/step": time.perf_counter() - start})
+                    progress.done = step
+                if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                    with timer("eval"):
+                        metrics.update(held_out_metrics())
+                if t.save_every and step % t.save_every == 0:
+                    checkpoint()
             metrics.update(timer.metrics())
-            if t.save_every and step % t.save_every == 0:
-                checkpoint()
             tracker.log(step, metrics)
             bar.set_postfix({k: f"{metrics[v]:.3g}" for k, v in
                              {"loss": "train/loss", "kl": "eval/reverse_kl", "s/step": "time/step"}.items()

@@ -148,32 +148,35 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                 rollout_logprobs=[[] if m else lp for lp, m in zip(gen.logprobs, masked, strict=True)],
                 advantages=advantages_N.tolist(),
             )
-            # From the moment an update is sent until its step is booked, Ctrl-C waits: the
-            # learner finishes the update anyway, and the checkpoint on the way out holds it.
-            with hold_interrupts(f"finishing step {step} (its update is on the learner)"):
-                with timer("train"):
-                    metrics = call_learners(actors, "train_step", batch)
-                bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
-                with timer("sync"):
-                    guard("weight sync", partial(sync_weights, actors))
-                lengths = [len(c) for c in gen.completion_ids]
-                metrics.update(ro.metrics)
-                metrics["rollout/failures"] = guard.failures
-                metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
-                metrics.update({
-                    "completion/mean_tokens": sum(lengths) / len(lengths),
-                    "completion/truncated_frac": sum(gen.truncated) / len(gen.truncated),
-                    "rollout/tokens_per_s": ro.metrics["sampling/tokens_generated"] / max(gen.seconds, 1e-9),
-                    "time/step": time.perf_counter() - start,  # generate to sync: eval and saves apart
-                })
-                progress.done = step
-                done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
-            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                with booked_on_interrupt(tracker, step, metrics, timer), timer("eval"):
-                    metrics.update(held_out(step))
-            if t.save_every and step % t.save_every == 0:
-                with hold_interrupts(f"writing checkpoint-{step}"), timer("checkpoint"):
-                    checkpoint()
+            # A Ctrl-C that lands from here on finds the step finished (the update is held): the
+            # step is logged before the interrupt acts, so a resumed run lists every step once.
+            with booked_on_interrupt(tracker, step, lambda: metrics, timer):  # noqa: B023 (read late, on purpose)
+                # From the moment an update is sent until its step is booked, Ctrl-C waits: the
+                # learner finishes the update anyway, and the checkpoint on the way out holds it.
+                with hold_interrupts(f"finishing step {step} (its update is on the learner)"):
+                    with timer("train"):
+                        metrics = call_learners(actors, "train_step", batch)
+                    bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
+                    with timer("sync"):
+                        guard("weight sync", partial(sync_weights, actors))
+                    lengths = [len(c) for c in gen.completion_ids]
+                    metrics.update(ro.metrics)
+                    metrics["rollout/failures"] = guard.failures
+                    metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
+                    metrics.update({
+                        "completion/mean_tokens": sum(lengths) / len(lengths),
+                        "completion/truncated_frac": sum(gen.truncated) / len(gen.truncated),
+                        "rollout/tokens_per_s": ro.metrics["sampling/tokens_generated"] / max(gen.seconds, 1e-9),
+                        "time/step": time.perf_counter() - start,  # generate to sync: eval and saves apart
+                    })
+                    progress.done = step
+                    done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
+                if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                    with timer("eval"):
+                        metrics.update(held_out(step))
+                if t.save_every and step % t.save_every == 0:
+                    with hold_interrupts(f"writing checkpoint-{step}"), timer("checkpoint"):
+                        checkpoint()
             metrics.update(timer.metrics())
             tracker.log(step, metrics)
             bar.set_postfix(_postfix(metrics))

@@ -198,22 +198,25 @@ def train(cfg: Config, run_dir: Path) -> dict[str, float]:
         for step, idx in enumerate(bar, 1):
             progress.step = step
             timer = Timer(step)
-            with hold_interrupts(f"finishing step {step} (its update is on the learner)"), timer("train"):
-                metrics = ray.get(learner.sft_step.remote(data.select(idx), pack_len))
-                metrics["train/epoch"] = (step * s.batch_size) / len(data)
-                progress.done = step
-            if t.eval_every and (step % t.eval_every == 0 or step == len(plan)):
-                with booked_on_interrupt(tracker, step, metrics, timer), timer("eval"):
-                    if held_out:
-                        metrics["eval/heldout_nll"] = ray.get(learner.eval_loss.remote(held))
-                    if eval_acc:
-                        sync_weights(actors)
-                        _, m = score(partial(generate_sharded, rollouts), tokenizer, eval_set, cfg.data, eval_spec)
-                        metrics.update({f"eval/{k}": v for k, v in m.items()})
+            # Once the update is held, a Ctrl-C anywhere in the step logs the step before it acts.
+            with booked_on_interrupt(tracker, step, lambda: metrics, timer):  # noqa: B023 (read late, on purpose)
+                with hold_interrupts(f"finishing step {step} (its update is on the learner)"), timer("train"):
+                    metrics = ray.get(learner.sft_step.remote(data.select(idx), pack_len))
+                    metrics["train/epoch"] = (step * s.batch_size) / len(data)
+                    progress.done = step
+                if t.eval_every and (step % t.eval_every == 0 or step == len(plan)):
+                    with timer("eval"):
+                        if held_out:
+                            metrics["eval/heldout_nll"] = ray.get(learner.eval_loss.remote(held))
+                        if eval_acc:
+                            sync_weights(actors)
+                            _, m = score(partial(generate_sharded, rollouts), tokenizer, eval_set, cfg.data,
+                                         eval_spec)
+                            metrics.update({f"eval/{k}": v for k, v in m.items()})
+                if t.save_every and step % t.save_every == 0:
+                    checkpoint()
             metrics.update(timer.metrics())
             metrics["time/step"] = metrics["time/train"]
-            if t.save_every and step % t.save_every == 0:
-                checkpoint()
             tracker.log(step, metrics)
             bar.set_postfix({k: f"{metrics[v]:.3g}" for k, v in
                              {"loss": "train/loss", "heldout": "eval/heldout_nll", "acc": "eval/accuracy",
