@@ -4,6 +4,7 @@ Each group of tensors is perturbed on its own, so a transport that drops one gro
 lm_head once did: vLLM's CPU backend kept a pre-packed copy of the old embedding) fails here.
 """
 
+import zlib
 from dataclasses import replace
 
 import pytest
@@ -44,7 +45,9 @@ def _mismatch(worker, hf) -> float:
 @pytest.mark.parametrize("transport", ["path", "blob"])
 def test_sync_lands_every_tensor_group(engines, group, transport, tmp_path):
     worker, hf = engines
-    torch.manual_seed(hash(group) % 1000)
+    # zlib, not hash(): str hashes change per process, and the weights these perturbations leave
+    # behind are what the later tests in this module sample from.
+    torch.manual_seed(zlib.crc32(group.encode()) % 1000)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if group in name:
