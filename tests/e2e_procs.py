@@ -22,6 +22,9 @@ RESUME_ARGS = [
     "recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", "trainer.eval_every=0", "trainer.save_every=1",
     "trainer.keep_checkpoints=2", "rollout.max_new_tokens=24", "rollout.kv_cache_gb=1", "grpo.group_size=4",
     "grpo.prompts_per_step=2", "grpo.tis_cap=0", "learner.lr=2e-5", "learner.warmup_steps=2",
+    # fp32 rollouts on every CPU: in bf16 (auto on AVX-512-bf16) a resumed engine's logprobs
+    # differed from the straight run's by up to 1e-3 (2026-12-07), over VLLM_NOISE_KEYS' 1e-5.
+    "rollout.dtype=float32",
     "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]", "rewards.weights=[1.0,0.5]",
 ]
 # Logged per step and fully determined by the weights, the prompts and the sampling seed.
