@@ -90,6 +90,11 @@ def read_metrics(path: Path) -> list[dict]:
 SMOOTH_FROM = 8  # points in a panel from which a running mean is drawn over the raw values
 
 
+def running_mean(values: list[float], w: int) -> list[float]:
+    """Mean of each value and the up to w - 1 before it."""
+    return [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+
+
 def plot_curves(metrics_path: Path, keys: list[str], out: Path, title: str) -> Path | None:
     """One panel per key (steps on x); keys absent from every row are left out. A key logged
     with `<key>_ci_low`/`_ci_high` (accuracies) gets its 95% interval as error bars; a long
@@ -109,7 +114,7 @@ def plot_curves(metrics_path: Path, keys: list[str], out: Path, title: str) -> P
             ax.legend(fontsize=7)
         elif len(pts) >= SMOOTH_FROM:
             w = max(3, len(pts) // 10)
-            mean = [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+            mean = running_mean(values, w)
             ax.plot(steps, values, alpha=0.35, lw=1, label="per step")
             ax.plot(steps, mean, lw=2, label=f"mean of last {w}")
             ax.legend(fontsize=7)

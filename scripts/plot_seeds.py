@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from rlkd.tracking import read_metrics  # noqa: E402
+from rlkd.tracking import read_metrics, running_mean  # noqa: E402
 
 DEFAULT_KEYS = "reward/total_mean,eval/accuracy,completion/mean_tokens"
 
@@ -31,10 +31,6 @@ def label(run_dir: Path) -> str:
         if seed is not None:
             return f"seed {seed}"
     return run_dir.name
-
-
-def running_mean(values: list[float], w: int) -> list[float]:
-    return [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
 
 
 def main() -> None:
