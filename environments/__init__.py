@@ -8,6 +8,8 @@ An environment is a plain class, TRL's `environment_factory` shape:
         def my_tool(self, x: str, n: int) -> str: ...  # every other public method is a tool,
                                                        # with a docstring (the model reads it)
                                                        # and type hints
+        demonstrations = [(question, transcript)]      # optional: worked episodes, shown as
+                                                       # earlier chat turns (data.fewshot)
 
 Rewards stay what they are (functions over the final completion and the row's columns); an
 environment only answers tool calls. It is named like a reward: a REGISTRY name, a dotted path

@@ -9,12 +9,20 @@ take long.
 """
 
 from rlkd.equations import evaluate, format_number
+from rlkd.tool_calls import render_call, render_response
 
 MAX_EXPRESSION = 200  # characters: longer is an error, so a runaway expression costs nothing
 
 
 class Calculator:
     """Exact + - * / arithmetic for word problems; the answer is still the model's to write."""
+
+    # One worked episode, shown as an earlier chat turn: with it SmolLM2-135M calls the tool in
+    # ~80% of its samples on muldiv, without it ~5%. Multiplication only, so that whether to
+    # divide (and which way round) is left for training to teach.
+    demonstrations = [("Each box holds 23 pens. A shop has 48 full boxes. How many pens does the shop have?",
+                       f"{render_call('calculate', expression='23 * 48')}{render_response('1104')}"
+                       "23 * 48 = 1104\n#### 1104")]
 
     def reset(self, row: dict) -> None:
         """A new episode (the question's row); the calculator keeps no state between calls."""

@@ -275,6 +275,12 @@ def validate(cfg: Config) -> None:
             f"rollout.top_p={cfg.rollout.top_p}: vLLM's sampling logprobs are renormalised over the "
             "nucleus while the learner's cover the whole vocabulary, so the importance weights (and "
             "MiniLLM's reward) would be biased; train with rollout.top_p=1")
+    if any(len(pair) != 2 for pair in cfg.data.fewshot):
+        bad = next(pair for pair in cfg.data.fewshot if len(pair) != 2)
+        raise ConfigError(f"data.fewshot: each entry is [question, answer], got {list(bad)}")
+    if cfg.rollout.environment and cfg.task not in (Task.grpo, Task.eval):
+        raise ConfigError(f"rollout.environment={cfg.rollout.environment!r} works with task=grpo and eval only "
+                          f"(got task={cfg.task.value})")
     if cfg.eval.compare and len(cfg.eval.compare) != 2:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
     if cfg.task == Task.distill:
@@ -298,6 +304,8 @@ def check_ranges(cfg: Config) -> None:
         ("rollout.gpus_per_actor", ro.gpus_per_actor, ro.gpus_per_actor >= 0, ">= 0"),
         ("eval.temperature", cfg.eval.temperature, cfg.eval.temperature >= 0, ">= 0"),
         ("eval.num_samples", cfg.eval.num_samples, cfg.eval.num_samples >= 0, ">= 0"),
+        ("rollout.max_turns", ro.max_turns, ro.max_turns >= 1, ">= 1"),
+        ("rollout.tool_timeout_s", ro.tool_timeout_s, ro.tool_timeout_s > 0, "> 0"),
         ("trainer.max_steps", t.max_steps, t.max_steps >= 0, ">= 0"),
         ("trainer.eval_every", t.eval_every, t.eval_every >= 0, ">= 0"),
         ("trainer.eval_samples", t.eval_samples, t.eval_samples >= 1, ">= 1"),

@@ -125,7 +125,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "gsm8k"
-    """Named dataset (the registry `rlkd.data.DATASETS`): `gsm8k`, `mawps_asdiv_a` or `arith`,
+    """Named dataset (the registry `rlkd.data.DATASETS`): `gsm8k`, `mawps_asdiv_a`, `arith` or `muldiv`,
     shipped in rlkd/datasets, so nothing needs the network. It also says how a row's gold
     rationale is written, for `path` and `hub_id` too."""
     path: str = ""
@@ -149,6 +149,10 @@ class DataConfig:
         "End your answer with a final line of the form '#### <number>'."
     )
     """Text placed before each question in the user message."""
+    fewshot: list[list[str]] = field(default_factory=list)
+    """Worked examples, [[question, answer], ...], shown before the question as earlier chat
+    turns (each question with the instruction), or as Question/Answer pairs for a base model.
+    Empty with rollout.environment: the environment's own `demonstrations`."""
     max_solution_steps: int = 0
     """Train only on questions whose gold solution (the rationale before '####') has at most N
     lines, one per step; 0 keeps all. A curriculum for small models: GSM8K questions of 2-3
@@ -201,6 +205,15 @@ class RolloutConfig:
     max_restarts: int = 3
     """Times a dead rollout actor (killed, OOM, dead vLLM engine) is restarted with the current
     weights and its generation retried; one more failure stops the run."""
+    environment: str = ""
+    """Multi-turn episodes with tools (task=grpo): an environment class, by REGISTRY name
+    (`calculator`), dotted path `pkg.module:Class` or file `path/to/env.py:Class`
+    (environments/). Its tools are described in the system prompt; max_new_tokens is then each
+    episode's budget, the policy's and the tools' tokens together. Empty: single completions."""
+    max_turns: int = 4
+    """Policy turns per episode at most (with an environment); the last turn's text is scored."""
+    tool_timeout_s: float = 5.0
+    """A tool call that takes longer ends its episode, recorded and counted; the run goes on."""
 
 
 @dataclass

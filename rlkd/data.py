@@ -68,6 +68,9 @@ DATASETS: dict[str, Dataset] = {
                                    "them, 2,341 / 619, MIT"),
     "arith": Dataset(DATASETS_DIR / "arith", _gsm8k_rationale,
                      about="rlkd's one-step addition and subtraction word problems, 400 / 200"),
+    "muldiv": Dataset(DATASETS_DIR / "muldiv", _gsm8k_rationale,
+                      about="rlkd's one-step two-digit multiplication and division word problems "
+                            "(for the calculator environment), 1,000 / 400"),
 }
 
 
@@ -255,12 +258,15 @@ def build_prompt(tokenizer, question: str, cfg: DataConfig) -> str:
     """The generation prompt for `question`: the chat template if the tokenizer has one."""
     if not getattr(tokenizer, "chat_template", None):
         # Base models: a plain completion prompt; the system prompt would otherwise be lost.
-        preamble = "\n\n".join(t for t in (cfg.system_prompt, cfg.instruction) if t)
+        shots = [f"Question: {q}\nAnswer: {a}" for q, a in cfg.fewshot]
+        preamble = "\n\n".join(t for t in (cfg.system_prompt, cfg.instruction, *shots) if t)
         prompt = f"Question: {question}\nAnswer:"
         return f"{preamble}\n\n{prompt}" if preamble else prompt
     messages = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
-    user = f"{cfg.instruction}\n\n{question}" if cfg.instruction else question
-    messages.append({"role": "user", "content": user})
+    for q, a in [*cfg.fewshot, (question, None)]:
+        messages.append({"role": "user", "content": f"{cfg.instruction}\n\n{q}" if cfg.instruction else q})
+        if a is not None:
+            messages.append({"role": "assistant", "content": a})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -31,9 +31,10 @@ from rlkd.tool_calls import (
 )
 from rlkd.tool_sandbox import ToolError, ToolSandbox
 
-# generate(prompts_ids, max_tokens per prompt) -> per prompt (token ids, their logprobs), each a
-# continuation that stopped at TOOL_CALL_CLOSE (included), at EOS or at its max_tokens.
-Generate = Callable[[list[list[int]], list[int]], list[tuple[list[int], list[float]]]]
+# generate(episode indices, their contexts' ids, max_tokens each) -> per context (token ids, their
+# logprobs), a continuation that stopped at TOOL_CALL_CLOSE (included), at EOS or at max_tokens.
+# The indices let the sampler give each episode its own seeded stream.
+Generate = Callable[[list[int], list[list[int]], list[int]], list[tuple[list[int], list[float]]]]
 
 
 @dataclass
@@ -84,7 +85,7 @@ def run_episodes(generate: Generate, tokenizer, prompts_ids: list[list[int]], ro
             if not active:
                 break
             budgets = [max_tokens - len(episodes[i].completion_ids) for i in active]
-            outs = generate([episodes[i].prompt_ids + episodes[i].completion_ids for i in active], budgets)
+            outs = generate(active, [episodes[i].prompt_ids + episodes[i].completion_ids for i in active], budgets)
             for i, budget, (ids, lps) in zip(active, budgets, outs, strict=True):
                 _take_turn(episodes[i], i, ids, lps, budget, tokenizer, sandbox, tools, max_tokens)
         for e in episodes:

@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from environments import load_environment, tool_prompt, tools_of
 from rewards import compute_rewards, load_reward
-from rlkd.config import Config
+from rlkd.config import Config, DataConfig
 from rlkd.data import build_prompt, encode_prompt, load_split, split_held_out, training_pool
 from rlkd.errors import InputError
 from rlkd.lora import check_lora
 from rlkd.models import resolve_model
 from rlkd.sampling import reward_columns
-from rlkd.types import Example
+from rlkd.types import EnvironmentSpec, Example
 
 
 @dataclass
@@ -28,6 +29,9 @@ class Inputs:
     eval_set: list[Example]
     reward_fns: dict[str, Callable]
     reward_weights: dict[str, float]
+    data: DataConfig
+    """cfg.data as prompts use it: with an environment, its tools join the system prompt."""
+    environment: EnvironmentSpec | None = None
 
 
 def reward_name(spec: str) -> str:
@@ -41,6 +45,8 @@ def load_inputs(cfg: Config) -> Inputs:
     check_context(model_path, cfg.model.max_model_len)
     check_lora(model_path, cfg.learner.lora)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    environment, data = load_environment_spec(cfg)
+    cfg = replace(cfg, data=data)
     train_set, held_out = split_held_out(cfg.data, load_split(cfg.data, cfg.data.split))
     train_set = training_pool(cfg.data, train_set)
     eval_set = []
@@ -54,7 +60,24 @@ def load_inputs(cfg: Config) -> Inputs:
         raise InputError(f"rewards.funcs={cfg.rewards.funcs} names one function twice")
     reward_weights = dict(zip(reward_fns, cfg.rewards.weights, strict=True))
     check_rewards(reward_fns, reward_weights, train_set, tokenizer, cfg)
-    return Inputs(model_path, tokenizer, train_set, eval_set, reward_fns, reward_weights)
+    return Inputs(model_path, tokenizer, train_set, eval_set, reward_fns, reward_weights, data, environment)
+
+
+def load_environment_spec(cfg: Config) -> tuple[EnvironmentSpec | None, DataConfig]:
+    """rollout.environment loaded and checked (one-line InputError), and the data config whose
+    system prompt tells the model its tools."""
+    ro = cfg.rollout
+    if not ro.environment:
+        return None, cfg.data
+    cls = load_environment(ro.environment)
+    tools = {name: list(t.params) for name, t in tools_of(cls, ro.environment).items()}
+    system = "\n\n".join(t for t in (cfg.data.system_prompt, tool_prompt(cls)) if t)
+    # A small model copies a call it was shown far more often than one it was told about
+    # (SmolLM2-135M on muldiv: ~5% of samples call the tool from the description alone, with
+    # one demonstration turn ~80%).
+    fewshot = cfg.data.fewshot or [list(pair) for pair in getattr(cls, "demonstrations", [])]
+    return (EnvironmentSpec(ro.environment, ro.max_turns, ro.tool_timeout_s, tools),
+            replace(cfg.data, system_prompt=system, fewshot=fewshot))
 
 
 def check_context(model_path: str, max_model_len: int) -> None:

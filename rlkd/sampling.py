@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from rewards import compute_rewards
-from rlkd.config import Config, Overlong
+from rewards import RewardError, compute_rewards
+from rlkd.config import Config, OnError, Overlong
 from rlkd.data import PromptSampler, build_prompt
 from rlkd.losses import overlong_penalty
-from rlkd.types import Example, Generation, SamplingSpec
+from rlkd.types import Episodes, Example, Generation, SamplingSpec
 
 SEED_STRIDE = 10_000_019  # seed offset of each further sampling round of a step (prime)
 MAX_OVERSAMPLE = 4  # a later round draws at most this many times prompts_per_step prompts
@@ -58,7 +58,14 @@ def score(cfg: Config, reward_fns: dict[str, Callable], reward_weights: dict[str
     G = cfg.grpo.group_size
     rewards_N, per_fn, errors = compute_rewards(
         reward_fns, reward_weights, gen.texts, on_error=cfg.rewards.on_error.value,
-        **reward_columns(examples, prompts, G, gen.truncated, [len(c) for c in gen.completion_ids]))
+        **reward_columns(examples, prompts, G, gen.truncated, gen.policy_tokens()))
+    failures = gen.episodes.failures if gen.episodes else []
+    if any(failures):  # a tool's own failure is handled like a reward's (rewards.on_error)
+        i = next(i for i, f in enumerate(failures) if f)
+        if cfg.rewards.on_error == OnError.raise_:
+            raise RewardError(f"environment '{cfg.rollout.environment}': {failures[i]} (episode {i} of the "
+                              "batch; rewards.on_error=zero scores such episodes 0 and goes on)")
+        rewards_N = [0.0 if f else r for r, f in zip(rewards_N, failures, strict=True)]
     g, lengths = cfg.grpo, torch.tensor([len(c) for c in gen.completion_ids])
     penalty_N, over = overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
     if g.overlong == Overlong.penalty:
@@ -70,6 +77,21 @@ def varied_groups(rewards_N: list[float], group_size: int) -> list[bool]:
     """Per group: do its completions' rewards differ (is there any gradient)?"""
     groups = [rewards_N[i:i + group_size] for i in range(0, len(rewards_N), group_size)]
     return [max(r) != min(r) for r in groups]
+
+
+def example_rows(examples: list[Example]) -> list[dict]:
+    """What an environment's reset(row) receives: the example's fields."""
+    return [asdict(ex) for ex in examples]
+
+
+def tool_metrics(episodes: Episodes, policy_tokens: list[int]) -> dict[str, float]:
+    """Per sampled episode: turns, tool calls, the share that called a tool at all, tool errors
+    and failures (counts), and the tools' share of the completion tokens."""
+    n, tool = max(len(episodes.turns), 1), sum(episodes.tool_tokens)
+    return {"tool/turns_mean": sum(episodes.turns) / n, "tool/calls_mean": sum(episodes.tool_calls) / n,
+            "tool/call_rate": sum(c > 0 for c in episodes.tool_calls) / n,
+            "tool/errors": float(sum(episodes.tool_errors)), "tool/failures": float(sum(bool(f) for f in episodes.failures)),
+            "tool/tokens_frac": tool / max(tool + sum(policy_tokens), 1)}
 
 
 def reward_metrics(reward_fns: dict[str, Callable], texts: list[str], rewards_N: list[float],
@@ -95,6 +117,7 @@ def sample_step(cfg: Config, sampler: PromptSampler, tokenizer, generate: Callab
     g, G, P = cfg.grpo, cfg.grpo.group_size, cfg.grpo.prompts_per_step
     kept, spare = [], []  # (example, prompt, generation of one group, its rewards)
     texts, all_rewards, per_fn_all, errors_all, over_all = [], [], {}, {}, []
+    episodes_all, policy_tokens = [], []
     drawn = rounds = tokens = signal = 0
     seconds = 0.0
     while True:
@@ -106,10 +129,12 @@ def sample_step(cfg: Config, sampler: PromptSampler, tokenizer, generate: Callab
         examples = sampler.next(n)
         prompts = [build_prompt(tokenizer, ex.question, cfg.data) for ex in examples]
         spec.seed = cfg.run.seed * 1_000_003 + step + SEED_STRIDE * rounds
-        gen = generate(prompts, spec)
+        gen = generate(prompts, spec, example_rows(examples)) if spec.environment else generate(prompts, spec)
         rewards_N, per_fn, errors, over = score(cfg, reward_fns, reward_weights, examples, prompts, gen)
         rounds, drawn, tokens, seconds = rounds + 1, drawn + n, tokens + gen.num_tokens, seconds + gen.seconds
         texts += gen.texts
+        episodes_all += [gen.episodes] if gen.episodes else []
+        policy_tokens += gen.policy_tokens()
         all_rewards += rewards_N
         over_all.append((len(rewards_N), over))
         for name, scores in per_fn.items():
@@ -127,6 +152,8 @@ def sample_step(cfg: Config, sampler: PromptSampler, tokenizer, generate: Callab
                    [r for c in chosen for r in c[3]])
     out.gen.seconds = seconds
     m = reward_metrics(reward_fns, texts, all_rewards, per_fn_all, errors_all)
+    if episodes_all:  # every sampled episode, as the reward means
+        m.update(tool_metrics(Episodes.concat(episodes_all), policy_tokens))
     total = sum(n for n, _ in over_all)
     m["completion/overlong_frac"] = sum(n * o["overlong_frac"] for n, o in over_all) / max(total, 1)
     m["sampling/prompts_drawn"] = float(drawn)
@@ -142,4 +169,5 @@ def _slice(gen: Generation, j: int, G: int) -> Generation:
     """Group j of a prompt-major generation."""
     s = slice(j * G, (j + 1) * G)
     return Generation([gen.prompt_ids[j]], gen.completion_ids[s], gen.logprobs[s], gen.texts[s],
-                      gen.truncated[s], gen.seconds)
+                      gen.truncated[s], gen.seconds, gen.loss_masks[s],
+                      gen.episodes.select(list(range(j * G, (j + 1) * G))) if gen.episodes else None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
@@ -22,7 +22,7 @@ from rlkd.console import out, terminal
 from rlkd.data import build_prompt
 from rlkd.journal import Journal
 from rlkd.stats import mean_ci, wilson_interval
-from rlkd.types import Example, Generation, SamplingSpec
+from rlkd.types import Episodes, Example, Generation, SamplingSpec
 
 Generate = Callable[[list[str], SamplingSpec], Generation]
 
@@ -40,7 +40,12 @@ def score(generate: Generate, tokenizer, examples: list[Example], data: DataConf
             if journal is not None and (kept := journal.get(start // chunk)) is not None:
                 parts.append(_from_rows(*kept))
             else:
-                parts.append(generate(prompts[start:start + chunk], replace(spec, first_prompt=start)))
+                chunk_spec = replace(spec, first_prompt=start)
+                if spec.environment is None:
+                    parts.append(generate(prompts[start:start + chunk], chunk_spec))
+                else:  # the environment's reset reads each question's row
+                    parts.append(generate(prompts[start:start + chunk], chunk_spec,
+                                          [asdict(ex) for ex in examples[start:start + chunk]]))
                 if journal is not None:
                     journal.add(start // chunk, _to_rows(parts[-1]), parts[-1].seconds)
             bar.update(len(parts[-1].texts))
@@ -49,13 +54,16 @@ def score(generate: Generate, tokenizer, examples: list[Example], data: DataConf
     gen = Generation.concat(parts)
     gen.seconds = sum(g.seconds for g in parts)  # chunks ran one after another
     predictions = []
-    for ex, text, ids, cut in zip(examples, gen.texts, gen.completion_ids, gen.truncated, strict=True):
+    for i, (ex, text, tokens, cut) in enumerate(zip(examples, gen.texts, gen.policy_tokens(), gen.truncated, strict=True)):
         parsed = extract_answer(text)
         predictions.append({
             "id": ex.id, "question": ex.question, "gold": ex.answer, "completion": text,
             "parsed": parsed, "correct": answers_match(parsed, ex.answer),
-            "num_tokens": len(ids), "truncated": cut,
+            "num_tokens": tokens, "truncated": cut,  # the model's tokens: tool output is not its length
         })
+        if gen.episodes is not None:
+            predictions[-1].update(tool_calls=gen.episodes.tool_calls[i], tool_errors=gen.episodes.tool_errors[i],
+                                   tool_failure=gen.episodes.failures[i])
     n, k = len(predictions), sum(p["correct"] for p in predictions)
     lo, hi = wilson_interval(k, n)
     lengths = [p["num_tokens"] for p in predictions]
@@ -69,21 +77,37 @@ def score(generate: Generate, tokenizer, examples: list[Example], data: DataConf
         # Batched generation: wall time per question at this batch size, not single-request latency.
         "latency_per_sample_s": gen.seconds / max(n, 1),
     }
+    if gen.episodes is not None:
+        calls = gen.episodes.tool_calls
+        metrics.update(tool_call_rate=sum(c > 0 for c in calls) / max(n, 1), tool_calls_mean=sum(calls) / max(n, 1),
+                       tool_errors=sum(gen.episodes.tool_errors), tool_failures=sum(bool(f) for f in gen.episodes.failures))
     if n > 1:
         _, metrics["completion_tokens_ci_low"], metrics["completion_tokens_ci_high"] = mean_ci(lengths)
     return predictions, metrics
 
 
+EPISODE_FIELDS = tuple(vars(Episodes()))
+
+
 def _to_rows(gen: Generation) -> list[dict]:
-    return [{"text": t, "completion_ids": ids, "truncated": cut}
+    rows = [{"text": t, "completion_ids": ids, "truncated": cut}
             for t, ids, cut in zip(gen.texts, gen.completion_ids, gen.truncated, strict=True)]
+    for i, row in enumerate(rows):
+        if gen.loss_masks:
+            row["loss_mask"] = gen.loss_masks[i]
+        if gen.episodes is not None:
+            row.update({k: getattr(gen.episodes, k)[i] for k in EPISODE_FIELDS})
+    return rows
 
 
 def _from_rows(rows: list[dict], seconds: float) -> Generation:
     """A journaled chunk, with what grading needs (no prompt ids or logprobs)."""
+    episodes = Episodes(*([r[k] for r in rows] for k in EPISODE_FIELDS)) if rows and "turns" in rows[0] else None
     return Generation(prompt_ids=[[] for _ in rows], completion_ids=[r["completion_ids"] for r in rows],
                       logprobs=[[] for _ in rows], texts=[r["text"] for r in rows],
-                      truncated=[r["truncated"] for r in rows], seconds=seconds)
+                      truncated=[r["truncated"] for r in rows], seconds=seconds,
+                      loss_masks=[r["loss_mask"] for r in rows] if rows and "loss_mask" in rows[0] else [],
+                      episodes=episodes)
 
 
 class PeakMemory:

@@ -4,8 +4,9 @@ no tensors, so Ray pickles them cheaply and every layer can import them without 
 vLLM or DeepSpeed (as torchtune's `dev/rl/datatypes` does).
 
     Example       one validated dataset row (rlkd.data)
-    SamplingSpec  what to sample: n, length cap, temperature, seed (driver -> rollout actor)
-    Generation    what was sampled: token ids, logprobs, texts (rollout actor -> driver)
+    SamplingSpec  what to sample: n, length cap, temperature, seed, environment (driver -> rollout actor)
+    Episodes      per-completion tool use of a multi-turn generation (rollout actor -> driver)
+    Generation    what was sampled: token ids, logprobs, texts, loss masks (rollout actor -> driver)
     TrainBatch    one GRPO/SFT batch, rows aligned (driver -> learner)
     DistillBatch  one distillation batch, with teacher logprobs (driver -> distillation learner)
     WeightUpdate  new weights for the CPU transports (learner -> rollout actor)
@@ -37,6 +38,43 @@ class SamplingSpec:
     stream, and sharding over actors changes nothing."""
     first_prompt: int = 0
     """Index of this call's first prompt in the whole batch (set by `generate_sharded`)."""
+    environment: EnvironmentSpec | None = None
+    """Multi-turn episodes with tools instead of single completions; max_tokens is then each
+    episode's budget, its model and tool tokens together."""
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    """Which environment answers tool calls, and its limits (rollout.environment & co)."""
+
+    spec: str
+    """A REGISTRY name, `pkg.module:Class` or `path/to/env.py:Class` (environments.load_environment)."""
+    max_turns: int
+    """Policy turns per episode at most; the last one's text is the answer."""
+    timeout_s: float
+    """A tool call that takes longer ends its episode (rlkd/tool_sandbox.py)."""
+    tools: dict[str, list[str]] = field(default_factory=dict)
+    """Each tool's name -> its parameter names (environments.tools_of, read by the driver)."""
+
+
+@dataclass
+class Episodes:
+    """Per completion of a multi-turn generation, what its episode did ([P*n] each)."""
+
+    turns: list[int] = field(default_factory=list)
+    tool_calls: list[int] = field(default_factory=list)
+    tool_errors: list[int] = field(default_factory=list)
+    """Calls answered `error:` (the policy's mistake, or the tool's error message)."""
+    failures: list[str] = field(default_factory=list)
+    """Why a tool ended the episode (raised, hung, too long), or ""."""
+    tool_tokens: list[int] = field(default_factory=list)
+
+    @staticmethod
+    def concat(parts: list[Episodes]) -> Episodes:
+        return Episodes(*([x for p in parts for x in getattr(p, k)] for k in vars(Episodes())))
+
+    def select(self, idx: list[int]) -> Episodes:
+        return Episodes(*([getattr(self, k)[i] for i in idx] for k in vars(self)))
 
 
 @dataclass
@@ -49,10 +87,20 @@ class Generation:
     texts: list[str]  # [P*n]
     truncated: list[bool]  # [P*n]: hit max_tokens before EOS
     seconds: float = 0.0
+    # [P*n] ragged, or [] for single-turn: 1 on tokens the policy sampled, 0 on tool tokens
+    # (their logprobs are 0.0 placeholders); loss, ratios and length statistics read only the 1s.
+    loss_masks: list[list[int]] = field(default_factory=list)
+    episodes: Episodes | None = None  # multi-turn only
 
     @property
     def num_tokens(self) -> int:
         return sum(len(ids) for ids in self.completion_ids)
+
+    def policy_tokens(self) -> list[int]:
+        """Per completion, the tokens the policy sampled (all of them, single-turn)."""
+        if not self.loss_masks:
+            return [len(ids) for ids in self.completion_ids]
+        return [sum(m) for m in self.loss_masks]
 
     @staticmethod
     def concat(parts: list[Generation]) -> Generation:
@@ -64,7 +112,16 @@ class Generation:
             texts=[x for g in parts for x in g.texts],
             truncated=[x for g in parts for x in g.truncated],
             seconds=max((g.seconds for g in parts), default=0.0),
+            loss_masks=_concat_masks([(g.loss_masks, g.completion_ids) for g in parts]),
+            episodes=Episodes.concat([g.episodes for g in parts]) if any(g.episodes for g in parts) else None,
         )
+
+
+def _concat_masks(parts: list[tuple[list[list[int]], list[list[int]]]]) -> list[list[int]]:
+    """Masks of concatenated parts; [] when no part has one, all-ones for a part without."""
+    if not any(masks for masks, _ in parts):
+        return []
+    return [m for masks, ids in parts for m in (masks or [[1] * len(c) for c in ids])]
 
 
 @dataclass
@@ -75,12 +132,14 @@ class TrainBatch:
     completion_ids: list[list[int]]  # [N] ragged
     rollout_logprobs: list[list[float]]  # [N] ragged, vLLM's sampling logprobs
     advantages: list[float]  # [N]
+    # [N] ragged, or [] when every completion token was sampled (single-turn): 0 on tool tokens.
+    loss_masks: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
 
     def select(self, idx: list[int]) -> TrainBatch:
-        return TrainBatch(*([field[i] for i in idx] for field in vars(self).values()))
+        return TrainBatch(*([column[i] for i in idx] if column else [] for column in vars(self).values()))
 
 
 @dataclass

@@ -357,3 +357,13 @@ def test_train_entry_point_bad_key_is_a_one_line_error(tmp_path):
 def test_a_nucleus_is_free_where_nothing_trains_on_its_logprobs():
     for recipe in ("eval_gsm8k", "cot_gsm8k", "sft_gsm8k"):
         assert load_config(recipe, ["rollout.top_p=0.9"]).rollout.top_p == 0.9
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task=sft", "rollout.environment=calculator"], r"rollout.environment='calculator' works with task=grpo and eval only \(got task=sft\)"),
+    (["rollout.max_turns=0"], r"rollout.max_turns=0 must be >= 1"),
+    (["rollout.tool_timeout_s=0"], r"rollout.tool_timeout_s=0.0 must be > 0"),
+    (['data.fewshot=[["only a question"]]'], r"data.fewshot: each entry is \[question, answer\]"),
+])
+def test_environment_and_fewshot_errors_are_one_line(overrides, message):
+    assert re.search(message, one_line_error(None, overrides))

@@ -205,6 +205,16 @@ def test_build_prompt_exact_template_and_fallback():
     assert build_prompt(plain, "Q?", cfg) == "Be brief.\n\nSolve.\n\nQuestion: Q?\nAnswer:"
 
 
+def test_fewshot_examples_come_before_the_question_as_earlier_turns():
+    shots = [["Q1?", "A1"], ["Q2?", "A2"]]
+    chat = tiny_tokenizer(TEMPLATE)
+    assert build_prompt(chat, "Q?", DataConfig(instruction="Solve.", fewshot=shots, system_prompt="S")) == (
+        "<|system|>S\n<|user|>Solve.\n\nQ1?\n<|assistant|>A1\n<|user|>Solve.\n\nQ2?\n<|assistant|>A2\n"
+        "<|user|>Solve.\n\nQ?\n<|assistant|>")
+    assert build_prompt(tiny_tokenizer(None), "Q?", DataConfig(instruction="Solve.", fewshot=shots)) == (
+        "Solve.\n\nQuestion: Q1?\nAnswer: A1\n\nQuestion: Q2?\nAnswer: A2\n\nQuestion: Q?\nAnswer:")
+
+
 def examples(n: int) -> list[Example]:
     return [Example(id=f"t:{i}", question=f"q{i}", answer=str(i), rationale="") for i in range(n)]
 

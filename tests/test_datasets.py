@@ -28,7 +28,7 @@ def _reference_value(equation: str) -> Fraction:
 
 
 @pytest.mark.parametrize("name, sizes", [("gsm8k", (7473, 1319)), ("mawps_asdiv_a", (2341, 619)),
-                                          ("arith", None)])
+                                          ("arith", None), ("muldiv", (1000, 400))])
 def test_every_named_dataset_loads_both_splits(name, sizes):
     cfg = load_config(None, [f"data.name={name}"]).data
     train, test = load_split(cfg, "train"), load_split(cfg, "test")
@@ -96,3 +96,13 @@ def test_decimal_and_fraction_answers_grade_right_on_the_datasets_own_rows(split
             assert is_correct(f"So the answer is {form}.\n#### {form}", gold), (form, gold)
         wrong = str(Fraction(gold) + 1)
         assert not is_correct(f"#### {wrong}", gold)
+
+
+def test_muldiv_answers_are_the_product_or_quotient_of_the_question_numbers():
+    cfg = load_config(None, ["data.name=muldiv"]).data
+    for ex in load_split(cfg, "train") + load_split(cfg, "test"):
+        x, y = (int(n) for n in re.findall(r"\d+", ex.question))
+        expected = x * y if ex.question.startswith("Each") else x // y
+        assert ex.question.startswith("Each") or x % y == 0, ex.question
+        assert ex.answer == str(expected), ex.question
+        assert expected >= 12  # two-digit operands: never a one-digit fact the model knows

@@ -35,11 +35,12 @@ class Script:
         self.turns = [list(t) for t in turns_per_episode]
         self.seen: list[list[list[int]]] = []
 
-    def __call__(self, prompts_ids, budgets):
+    def __call__(self, indices, prompts_ids, budgets):
         self.seen.append([list(p) for p in prompts_ids])
         out = []
-        for p, budget in zip(prompts_ids, budgets, strict=True):
+        for index, p, budget in zip(indices, prompts_ids, budgets, strict=True):
             e = next(i for i, start in enumerate(self.starts) if p[:len(start)] == start)
+            assert e == index  # the sampler is told which episode each context is
             ids = self.turns[e].pop(0)[:budget]
             out.append((ids, [-0.5] * len(ids)))
         return out

@@ -10,7 +10,7 @@ from rlkd.config import DataConfig
 from rlkd.errors import InputError
 from rlkd.journal import Journal
 from rlkd.scoring import score
-from rlkd.types import Example, Generation, SamplingSpec
+from rlkd.types import EnvironmentSpec, Episodes, Example, Generation, SamplingSpec
 
 FP = {"model": "m", "seed": 0}
 
@@ -24,32 +24,45 @@ def examples(n=10):
 
 
 def answering(calls, stop_at=None):
-    def generate(prompts, spec):
+    def generate(prompts, spec, rows=None):
         calls.append(spec.first_prompt)
         if spec.first_prompt == stop_at:
             raise KeyboardInterrupt  # as Ctrl-C lands while this chunk is generating
         texts = [f"steps\n#### {p.split('Q')[-1].split()[0]}" for p in prompts]
-        return Generation([[1]] * len(prompts), [[1, 2, 3]] * len(prompts), [[-0.1] * 3] * len(prompts),
-                          texts, [False] * len(prompts), 1.0)
+        gen = Generation([[1]] * len(prompts), [[1, 2, 3]] * len(prompts), [[-0.1] * 3] * len(prompts),
+                         texts, [False] * len(prompts), 1.0)
+        if spec.environment is not None:  # episodes: question i called the tool i % 3 times
+            assert [r["question"] for r in rows] == [p.split("Question: ")[-1].split("\n")[0] for p in prompts]
+            calls_ = [int(r["id"].split(":")[1]) % 3 for r in rows]
+            gen.loss_masks = [[1, 0, 1] if c else [1, 1, 1] for c in calls_]
+            gen.episodes = Episodes(turns=[c + 1 for c in calls_], tool_calls=calls_, tool_errors=[0] * len(rows),
+                                    failures=[""] * len(rows), tool_tokens=[int(c > 0) for c in calls_])
+        return gen
     return generate
 
 
-def test_an_interrupted_score_resumes_to_the_straight_result(tmp_path):
-    straight, m_straight = score(answering([]), Tok(), examples(), DataConfig(instruction=""), SamplingSpec(), chunk=4)
+@pytest.mark.parametrize("environment", [None, EnvironmentSpec("calculator", 3, 5.0, {"calculate": ["expression"]})])
+def test_an_interrupted_score_resumes_to_the_straight_result(tmp_path, environment):
+    spec = SamplingSpec(environment=environment)
+    straight, m_straight = score(answering([]), Tok(), examples(), DataConfig(instruction=""), spec, chunk=4)
     path = tmp_path / "j.jsonl"
     first = []
     with pytest.raises(KeyboardInterrupt):
-        score(answering(first, stop_at=8), Tok(), examples(), DataConfig(instruction=""), SamplingSpec(), chunk=4,
+        score(answering(first, stop_at=8), Tok(), examples(), DataConfig(instruction=""), spec, chunk=4,
               journal=Journal(path, FP, resume=False))
     assert first == [0, 4, 8]
     again = []
     journal = Journal(path, FP, resume=True)
     assert journal.rows_done == 8
-    preds, m = score(answering(again), Tok(), examples(), DataConfig(instruction=""), SamplingSpec(), chunk=4,
+    preds, m = score(answering(again), Tok(), examples(), DataConfig(instruction=""), spec, chunk=4,
                      journal=journal)
     assert again == [8], "only the chunk in flight is generated again"
     assert preds == straight
     assert m == m_straight
+    if environment is not None:  # tool use survived the journal, and lengths are the policy's
+        assert [p["tool_calls"] for p in preds] == [i % 3 for i in range(10)]
+        assert [p["num_tokens"] for p in preds] == [2 if i % 3 else 3 for i in range(10)]
+        assert m["tool_call_rate"] == pytest.approx(0.6)
 
 
 def test_a_fresh_run_ignores_an_old_journal(tmp_path):

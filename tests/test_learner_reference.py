@@ -48,6 +48,23 @@ def make_batch(rewards: list[float], scale: str, seed: int = 0) -> TrainBatch:
     return TrainBatch(prompts, comps, [[-rng.random() * 4 for _ in c] for c in comps], advantages)
 
 
+def with_tool_spans(batch: TrainBatch, seed: int = 1) -> TrainBatch:
+    """Multi-turn rows: a span of 'tool tokens' inside most completions (mask 0, rollout logprob
+    0.0 as the episode loop writes it, which would be a huge importance weight if read)."""
+    rng = random.Random(seed)
+    masks = []
+    for c, lps in zip(batch.completion_ids, batch.rollout_logprobs, strict=True):
+        mask = [1] * len(c)
+        if len(c) >= 3 and rng.random() < 0.8:
+            a = rng.randrange(1, len(c) - 1)
+            b = rng.randrange(a + 1, len(c))
+            mask[a:b] = [0] * (b - a)
+            lps[a:b] = [0.0] * (b - a)
+        masks.append(mask)
+    batch.loss_masks = masks
+    return batch
+
+
 def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, temperature: float,
                    epochs: int, minis: int, seed: int, clip=(0.2, 0.28), tis_cap=2.0, loss_kind="grpo",
                    lora=None, repeats=1):
@@ -77,10 +94,16 @@ def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, tempe
             return torch.func.functional_call(model, weights(), (), {"input_ids": input_ids})
     opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=WD)
 
+    def sampled(i, values):
+        """Only the tokens the policy sampled: tool tokens are not actions."""
+        if not batch.loss_masks:
+            return values
+        return values[torch.tensor(batch.loss_masks[i], dtype=torch.bool)]
+
     def row_logprobs(m, i):
         p, c = batch.prompt_ids[i], batch.completion_ids[i]
         logits = m(input_ids=torch.tensor([p + c])).logits[0, len(p) - 1:-1].double() / temperature
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+        return sampled(i, torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0])
 
     n = len(batch)
     on_policy = epochs == 1 and minis == 1
@@ -102,7 +125,7 @@ def reference_step(path: str, batch: TrainBatch, *, agg: str, beta: float, tempe
                 old = lp.detach() if on_policy else frozen[i]
                 ratio = torch.exp(lp - old)
                 a = batch.advantages[i]
-                log_w = old - torch.tensor(batch.rollout_logprobs[i], dtype=torch.float64)
+                log_w = old - sampled(i, torch.tensor(batch.rollout_logprobs[i], dtype=torch.float64))
                 d = ref[i] - lp
                 k3 = beta * (torch.exp(d) - d - 1)
                 if loss_kind == "grpo":  # PPO clip per token
@@ -162,6 +185,10 @@ CASES = {
                                     "gspo", (0.003, 0.004)),
     "cispo-token_mean-epochs-beta": (VARIED, "none", "token_mean", 0.1, 1.0, 2, 2, 16, True,
                                      "cispo", (1.0, 0.01)),
+    # Multi-turn rows (with_tool_spans): tool tokens out of the loss, ratios, KL and denominator.
+    "tools-token_mean-beta-packed": (VARIED, "group", "token_mean", 0.1, 0.7, 1, 1, 24, True),
+    "tools-gspo-seq_mean-epochs": (VARIED, "group", "seq_mean_token_mean", 0.0, 1.0, 2, 2, 2048, True,
+                                   "gspo", (0.003, 0.004)),
 }
 
 
@@ -170,6 +197,8 @@ def test_learner_step_equals_from_scratch_reference(tiny_model, case):  # noqa: 
     rewards, scale, agg, beta, temperature, epochs, minis, budget, shared, *objective = CASES[case]
     loss_kind, clip = objective or ("grpo", (0.2, 0.28))
     batch = make_batch(rewards, scale)
+    if case.startswith("tools-"):
+        batch = with_tool_spans(batch)
     cfg = load_config(None, learner_overrides(agg, beta, temperature, epochs, minis, budget, shared,
                                                       loss_kind, clip))
     learner = Learner(cfg, tiny_model, master_port=29741)

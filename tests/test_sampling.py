@@ -5,14 +5,14 @@ import pytest
 import torch
 from test_data import tiny_tokenizer
 
-from rewards import load_reward
+from rewards import RewardError, load_reward
 from rlkd.actors.recovery import SignalGuard
 from rlkd.compose import load_config
 from rlkd.data import PromptSampler, split_held_out
 from rlkd.errors import ConfigError, InputError
 from rlkd.losses import overlong_penalty
 from rlkd.sampling import SEED_STRIDE, sample_step, varied_groups
-from rlkd.types import Example, Generation, SamplingSpec
+from rlkd.types import EnvironmentSpec, Episodes, Example, Generation, SamplingSpec
 
 G = 4
 
@@ -190,3 +190,63 @@ def test_rewards_see_each_completion_truncation_and_length():
     assert 0 < sum(seen["truncated"]) < len(seen["texts"])
     assert seen["truncated"] == [t == "no idea" for t in seen["texts"]]
     assert seen["tokens"] == [10 if t == "no idea" else 3 for t in seen["texts"]]
+
+
+class EpisodeSampler:
+    """Multi-turn generations: per prompt, G episodes; episode i of a group called the tool i
+    times (3 tool tokens each), the last one's tool failed; every answer is right."""
+
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, prompts: list[str], spec: SamplingSpec, rows: list[dict]) -> Generation:
+        assert spec.environment is not None
+        self.rows += rows
+        comps, masks, eps = [], [], Episodes()
+        assert len(rows) == len(prompts)
+        for _ in prompts:
+            for i in range(G):
+                comps.append([5] * (2 + 3 * i))
+                masks.append([1, 1] + [0, 0, 0] * i)
+                eps.turns.append(i + 1)
+                eps.tool_calls.append(i)
+                eps.tool_errors.append(int(i == 2))
+                eps.failures.append("calculate timed out after 5 s" if i == G - 1 else "")
+                eps.tool_tokens.append(3 * i)
+        texts = [f"#### {row['answer']}" for row in rows for _ in range(G)]
+        return Generation([[1, 2]] * len(prompts), comps, [[-0.1] * len(c) for c in comps], texts,
+                          [False] * len(comps), 1.0, masks, eps)
+
+
+def episode_step(on_error):
+    seen = {}
+
+    def spy(completions, completion_tokens, **_):
+        seen["tokens"] = list(completion_tokens)
+        return [1.0] * len(completions)
+
+    cfg = load_config(None, [f"grpo.group_size={G}", "grpo.prompts_per_step=2", "data.instruction=",
+                             "rollout.environment=calculator", *([f"rewards.on_error={on_error}"] if on_error else [])])
+    gen = EpisodeSampler()
+    env = EnvironmentSpec("calculator", 3, 5.0, {"calculate": ["expression"]})
+    out = sample_step(cfg, PromptSampler(examples(30), seed=0), tiny_tokenizer(None), gen, {"spy": spy},
+                      {"spy": 1.0}, SamplingSpec(n=G, environment=env), 1)
+    return out, gen, seen
+
+
+def test_episodes_get_their_rows_tool_metrics_and_failed_episodes_score_zero():
+    out, gen, seen = episode_step("zero")
+    assert [r["id"] for r in gen.rows] == [ex.id for ex in out.examples]  # reset(row) gets the example
+    assert {"id", "question", "answer", "rationale"} <= gen.rows[0].keys()
+    assert out.rewards_N == [1.0, 1.0, 1.0, 0.0] * 2  # the failed episode scores 0, the rest as rewarded
+    assert seen["tokens"] == [2] * 8  # length columns count the policy's tokens only
+    m = out.metrics
+    assert m["tool/calls_mean"] == pytest.approx(1.5) and m["tool/call_rate"] == pytest.approx(0.75)
+    assert m["tool/turns_mean"] == pytest.approx(2.5) and m["tool/failures"] == 2 and m["tool/errors"] == 2
+    assert m["tool/tokens_frac"] == pytest.approx(36 / (36 + 16))
+    assert out.gen.loss_masks[1] == [1, 1, 0, 0, 0] and out.gen.episodes.tool_calls == [0, 1, 2, 3] * 2
+
+
+def test_a_tool_failure_stops_the_run_under_on_error_raise():
+    with pytest.raises(RewardError, match="environment 'calculator': calculate timed out after 5 s"):
+        episode_step(None)  # the default, rewards.on_error=raise

@@ -250,6 +250,8 @@ class Learner:
         mb = build_micro_batch(batch.prompt_ids, batch.completion_ids, units)
         logprobs_BT = mb.to_BT(self._score(self.engine.module, mb))
         mask_BT = mb.mask_BT().to(logprobs_BT.device)
+        if batch.loss_masks:  # multi-turn: tool tokens are context, not actions
+            mask_BT = mask_BT * self._row_tensor([batch.loss_masks[r] for r in mb.rows], logprobs_BT)
         loss, metrics = POLICY_LOSSES[g.loss.value](
             logprobs_BT,
             logprobs_BT.detach() if old is None else self._row_tensor([old[r] for r in mb.rows], logprobs_BT),
@@ -332,10 +334,12 @@ class Learner:
         return dict(zip(keys, packed[1:].tolist(), strict=True)), packed[0].item()
 
     def _denominator(self, batch: TrainBatch) -> float:
-        """What the loss aggregation divides by: tokens for token_mean, sequences otherwise."""
+        """What the loss aggregation divides by: sampled tokens (tool tokens are not) for
+        token_mean, sequences otherwise."""
+        sampled = [sum(m) for m in batch.loss_masks] if batch.loss_masks else [len(c) for c in batch.completion_ids]
         if self.cfg.grpo.loss_agg.value == "token_mean":
-            return float(sum(len(c) for c in batch.completion_ids))
-        return float(sum(1 for c in batch.completion_ids if c))
+            return float(sum(sampled))
+        return float(sum(1 for n in sampled if n))
 
     # ---- weights out ---------------------------------------------------------------------
 

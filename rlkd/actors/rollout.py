@@ -41,9 +41,13 @@ from vllm.distributed.weight_transfer.base import (  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
 from rlkd.data import encode_prompt  # noqa: E402
-from rlkd.types import Generation, SamplingSpec, WeightUpdate  # noqa: E402
+from rlkd.episodes import run_episodes  # noqa: E402
+from rlkd.tool_calls import TOOL_CALL_CLOSE  # noqa: E402
+from rlkd.tool_sandbox import ToolSandbox  # noqa: E402
+from rlkd.types import EnvironmentSpec, Episodes, Generation, SamplingSpec, WeightUpdate  # noqa: E402
 
 SEED_BITS = 48  # streams seed + i of two prompts overlap with probability ~ 2n / 2**48
+TURN_SEED_STRIDE = 1_000_000_007  # call-seed offset of each further turn of an episode (prime)
 
 
 def prompt_seed(call_seed: int, index: int) -> int:
@@ -163,8 +167,13 @@ class RolloutWorker:
         _exit_when_engine_dies(self.llm.llm_engine.engine_core, self._stopping)
         self.startup_seconds = time.perf_counter() - start
         self.version = 0
+        self._sandbox: ToolSandbox | None = None
 
-    def generate(self, prompts: list[str], spec: SamplingSpec) -> Generation:
+    def generate(self, prompts: list[str], spec: SamplingSpec, rows: list[dict] | None = None) -> Generation:
+        """spec.n completions per prompt; with spec.environment, multi-turn episodes, whose
+        environment's reset receives each prompt's dataset row."""
+        if spec.environment is not None:
+            return self._episodes(prompts, spec, rows if rows is not None else [{} for _ in prompts])
         greedy = spec.temperature == 0.0
         params = [vllm.SamplingParams(
             n=spec.n,
@@ -187,6 +196,57 @@ class RolloutWorker:
                 gen.texts.append(c.text)
                 gen.truncated.append(c.finish_reason == "length")
         return gen
+
+    def _episodes(self, prompts: list[str], spec: SamplingSpec, rows: list[dict]) -> Generation:
+        """spec.n episodes per prompt, every active one batched into each turn's vLLM call.
+        Each turn's context is the episode's token ids so far (rlkd/episodes.py keeps them as
+        sampled), so vLLM's prefix cache serves its earlier turns. Episode j*n + i's first turn
+        samples from the stream the single-turn path gives prompt j's sample i; turn t adds
+        t * TURN_SEED_STRIDE to the call seed."""
+        env: EnvironmentSpec = spec.environment
+        if self._sandbox is None or self._sandbox.spec != env.spec:
+            self.close_sandbox()
+            self._sandbox = ToolSandbox(env.spec, timeout_s=env.timeout_s)
+        n, greedy = spec.n, spec.temperature == 0.0
+        turn = [0]
+
+        def sample(indices: list[int], contexts: list[list[int]], budgets: list[int]):
+            params = [vllm.SamplingParams(
+                n=1, max_tokens=budget, temperature=spec.temperature, top_p=1.0 if greedy else spec.top_p,
+                seed=None if spec.seed is None else prompt_seed(
+                    spec.seed + turn[0] * TURN_SEED_STRIDE, spec.first_prompt + e // n) + e % n,
+                stop=[TOOL_CALL_CLOSE], include_stop_str_in_output=True, logprobs=0,
+            ) for e, budget in zip(indices, budgets, strict=True)]
+            turn[0] += 1
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=c) for c in contexts], params, use_tqdm=False)
+            return [(list(c.token_ids), [step[t].logprob for t, step in zip(c.token_ids, c.logprobs, strict=True)])
+                    for c in (out.outputs[0] for out in outputs)]
+
+        start = time.perf_counter()
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        episodes = run_episodes(sample, self.tokenizer, [p for p in prompt_ids for _ in range(n)],
+                                [r for r in rows for _ in range(n)], self._sandbox, env.tools,
+                                env.max_turns, spec.max_tokens)
+        gen = Generation(
+            # An environment's reset text joins the prompt; it is a function of the row, so a
+            # group's episodes share it.
+            prompt_ids=[episodes[j * n].prompt_ids for j in range(len(prompts))],
+            completion_ids=[e.completion_ids for e in episodes],
+            logprobs=[e.logprobs for e in episodes],
+            texts=[self.tokenizer.decode(e.completion_ids, skip_special_tokens=True) for e in episodes],
+            truncated=[e.truncated for e in episodes],
+            seconds=time.perf_counter() - start,
+            loss_masks=[e.loss_mask for e in episodes],
+            episodes=Episodes([e.turns for e in episodes], [e.tool_calls for e in episodes],
+                              [e.tool_errors for e in episodes], [e.failure for e in episodes],
+                              [e.tool_tokens for e in episodes]),
+        )
+        return gen
+
+    def close_sandbox(self) -> None:
+        if self._sandbox is not None:
+            self._sandbox.close()
+        self._sandbox = None
 
     def update_weights(self, update: WeightUpdate | WeightTransferUpdateRequest) -> float:
         """Load new weights; returns seconds spent. NCCL requests come from vLLM's sync client."""
@@ -217,6 +277,7 @@ class RolloutWorker:
     def shutdown(self) -> None:
         """Stop vLLM's engine processes; Ray's kill of this actor would orphan them."""
         self._stopping.set()
+        self.close_sandbox()
         self.llm.llm_engine.engine_core.shutdown()
 
     def node_id(self) -> str:
@@ -259,13 +320,16 @@ def shard(items: list, num_shards: int) -> list[list]:
     return out
 
 
-def generate_sharded(actors: list, prompts: list[str], spec: SamplingSpec) -> Generation:
-    """Spread prompts over the rollout actors and gather the completions in prompt order."""
+def generate_sharded(actors: list, prompts: list[str], spec: SamplingSpec,
+                     rows: list[dict] | None = None) -> Generation:
+    """Spread prompts (and their rows, for an environment) over the rollout actors and gather
+    the completions in prompt order."""
     chunks = shard(prompts, len(actors))
+    row_chunks = shard(rows, len(actors)) if rows is not None else [None] * len(actors)
     firsts = [spec.first_prompt + sum(map(len, chunks[:i])) for i in range(len(chunks))]
     parts = [
-        actor.generate.remote(chunk, replace(spec, first_prompt=first))
-        for actor, chunk, first in zip(actors, chunks, firsts, strict=True)
+        actor.generate.remote(chunk, replace(spec, first_prompt=first), row_chunk)
+        for actor, chunk, row_chunk, first in zip(actors, chunks, row_chunks, firsts, strict=True)
         if chunk
     ]
     return Generation.concat(ray.get(parts))

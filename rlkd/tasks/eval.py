@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -24,7 +25,7 @@ from rlkd.data import load_split, read_jsonl, split_held_out
 from rlkd.errors import ConfigError
 from rlkd.journal import journaled
 from rlkd.models import count_parameters, resolve_model
-from rlkd.preflight import check_context, check_prompt_lengths
+from rlkd.preflight import check_context, check_prompt_lengths, load_environment_spec
 from rlkd.scoring import PeakMemory, print_summary, print_table, score, write_results
 from rlkd.stats import mcnemar_exact
 from rlkd.types import SamplingSpec
@@ -38,6 +39,8 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
         return compare(*cfg.eval.compare, out=run_dir / "comparison.json")
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir or None)
     check_context(str(model_path), cfg.model.max_model_len)
+    environment, data = load_environment_spec(cfg)
+    cfg = replace(cfg, data=data)  # prompts describe the environment's tools, if any
     examples = load_split(cfg.data, cfg.data.split)
     if cfg.data.held_out:  # the slice a training run held out of this split
         examples = split_held_out(cfg.data, examples)[1]
@@ -45,11 +48,11 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     check_prompt_lengths(tokenizer, examples, cfg, "eval.max_new_tokens", cfg.eval.max_new_tokens)
     spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens,
-                        temperature=cfg.eval.temperature, seed=cfg.run.seed)
+                        temperature=cfg.eval.temperature, seed=cfg.run.seed, environment=environment)
     fingerprint = {"model": str(model_path), "data": cfg.data.name, "split": cfg.data.split,
                                           "held_out": cfg.data.held_out, "questions": len(examples),
                                           "max_tokens": spec.max_tokens, "temperature": spec.temperature,
-                                          "seed": spec.seed}
+                                          "seed": spec.seed, "environment": cfg.rollout.environment}
     start = time.perf_counter()
     with PeakMemory() as mem:
         worker = RolloutWorker(str(model_path), **engine_kwargs(cfg, seed=cfg.run.seed))

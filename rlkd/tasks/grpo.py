@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
     g, t = cfg.grpo, cfg.trainer
     inputs = load_inputs(cfg)
     tokenizer, eval_set = inputs.tokenizer, inputs.eval_set
+    cfg = replace(cfg, data=inputs.data)  # prompts describe the environment's tools, if any
     reward_fns, reward_weights = inputs.reward_fns, inputs.reward_weights
     resume_from = resume_checkpoint(cfg, run_dir)
     start_step = checkpoint_step(resume_from) if resume_from else 0
@@ -81,14 +83,16 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
     truncate_metrics(run_dir / "metrics.jsonl", start_step)
     tracker = Tracker(run_dir, purge_step=start_step + 1)
     spec = SamplingSpec(n=g.group_size, max_tokens=cfg.rollout.max_new_tokens,
-                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-    def generate(prompts, spec):
-        return guard("generate", partial(generate_sharded, actors.rollouts, prompts, spec))
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                        environment=inputs.environment)
+
+    def generate(prompts, spec, rows=None):
+        return guard("generate", partial(generate_sharded, actors.rollouts, prompts, spec, rows))
 
     signal_guard = SignalGuard(t, reward_fns)
     collapse = CollapseWatch(t.collapse_window, t.collapse_length_ratio, list(reward_fns))
     collapse.replay(read_metrics(run_dir / "metrics.jsonl"))  # a resumed run's steps 1..start_step
-    eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0)
+    eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0, environment=inputs.environment)
     metrics: dict[str, float] = {}
     progress = Progress(start_step, start_step, start_step)
     done_state = None
@@ -147,6 +151,7 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                 completion_ids=[[] if m else c for c, m in zip(gen.completion_ids, masked, strict=True)],
                 rollout_logprobs=[[] if m else lp for lp, m in zip(gen.logprobs, masked, strict=True)],
                 advantages=advantages_N.tolist(),
+                loss_masks=[[] if m else lm for lm, m in zip(gen.loss_masks, masked, strict=True)] if gen.loss_masks else [],
             )
             # A Ctrl-C that lands from here on finds the step finished (the update is held): the
             # step is logged before the interrupt acts, so a resumed run lists every step once.
@@ -159,7 +164,7 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                     bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
                     with timer("sync"):
                         guard("weight sync", partial(sync_weights, actors))
-                    lengths = [len(c) for c in gen.completion_ids]
+                    lengths = gen.policy_tokens()  # tool tokens are not the policy's length
                     metrics.update(ro.metrics)
                     metrics["rollout/failures"] = guard.failures
                     metrics.update({f"adv/{k}": v for k, v in adv_metrics.items()})
@@ -207,5 +212,8 @@ def _plots(run_dir: Path, cfg: Config) -> None:
     # With one reward the total is that reward again (times its weight): one panel, not two.
     reward_keys = [*(["reward/total_mean"] if len(per_fn) > 1 else []), *per_fn, "eval/accuracy"]
     plot_curves(path, reward_keys, run_dir / "rewards.png", "GRPO rewards and held-out accuracy")
+    if cfg.rollout.environment:
+        plot_curves(path, ["tool/call_rate", "tool/calls_mean", "tool/tokens_frac", "tool/errors"],
+                    run_dir / "tools.png", f"GRPO tool use ({cfg.rollout.environment})")
     plot_curves(path, ["completion/mean_tokens", "train/clip_frac", "train/logp_mismatch", "train/kl",
                        "time/generate", "time/train", "time/sync"], run_dir / "training.png", "GRPO training")
