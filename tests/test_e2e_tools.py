@@ -4,7 +4,7 @@
 The claim under test is token-in, token-out: the learner scores exactly the tokens vLLM
 sampled, across turns. Tool tokens carry a 0.0 placeholder as their rollout logprob, so if the
 learner's loss mask let them in, or if a later turn had been re-tokenized, `train/logp_mismatch`
-would be of the size of a token's logprob (~1-10), not the 1e-3 of fp32 noise. That tool use
+would be far above the 1e-3 of fp32 noise (0.68 at step 1 with the learner's mask removed). That tool use
 lifts accuracy is docs/environments.md's measured claim, not a test's.
 """
 
