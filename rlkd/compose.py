@@ -155,6 +155,9 @@ def _apply_override(cfg: DictConfig, text: str) -> None:
     if OmegaConf.select(cfg, key, default=KeyError) is KeyError:
         raise ConfigError(f"argument '{text}': unknown key '{key}'{_suggest(key)}")
     value = override.value()
+    current = OmegaConf.select(cfg, key, default=None)
+    if isinstance(current, Enum) and isinstance(value, str) and value in {m.value for m in type(current)}:
+        value = type(current)(value)  # OmegaConf matches enum names; `raise_` is spelt `raise`
     if override.is_delete():
         raise ConfigError(f"argument '{text}': deleting keys is not supported")
     try:

@@ -367,3 +367,8 @@ def test_a_nucleus_is_free_where_nothing_trains_on_its_logprobs():
 ])
 def test_environment_and_fewshot_errors_are_one_line(overrides, message):
     assert re.search(message, one_line_error(None, overrides))
+
+
+def test_enum_values_are_accepted_as_written_in_the_docs():
+    assert load_config(None, ["rewards.on_error=raise"]).rewards.on_error == OnError.raise_
+    assert load_config(None, ["rewards.on_error=zero"]).rewards.on_error == OnError.zero
