@@ -17,12 +17,18 @@ MAX_EXPRESSION = 200  # characters: longer is an error, so a runaway expression 
 class Calculator:
     """Exact + - * / arithmetic for word problems; the answer is still the model's to write."""
 
-    # One worked episode, shown as an earlier chat turn: with it SmolLM2-135M calls the tool in
-    # ~80% of its samples on muldiv, without it ~5%. Multiplication only, so that whether to
-    # divide (and which way round) is left for training to teach.
-    demonstrations = [("Each box holds 23 pens. A shop has 48 full boxes. How many pens does the shop have?",
-                       f"{render_call('calculate', expression='23 * 48')}{render_response('1104')}"
-                       "23 * 48 = 1104\n#### 1104")]
+    # Worked episodes, shown as earlier chat turns: with one SmolLM2-135M calls the tool in ~80%
+    # of its samples on muldiv, without it ~5%. One multiplies and one divides: with the
+    # multiplication alone the policy multiplied every question, and GRPO never saw a division
+    # to reward (0 of 211 division test questions right before and after 30 steps).
+    demonstrations = [
+        ("Each box holds 23 pens. A shop has 48 full boxes. How many pens does the shop have?",
+         f"{render_call('calculate', expression='23 * 48')}{render_response('1104')}"
+         "23 * 48 = 1104\n#### 1104"),
+        ("A baker has 1026 rolls and packs them into bags of 27. How many bags does the baker fill?",
+         f"{render_call('calculate', expression='1026 / 27')}{render_response('38')}"
+         "1026 / 27 = 38\n#### 38"),
+    ]
 
     def reset(self, row: dict) -> None:
         """A new episode (the question's row); the calculator keeps no state between calls."""

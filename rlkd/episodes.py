@@ -117,13 +117,26 @@ def _take_turn(e: Episode, index: int, ids: list[int], lps: list[float], budget:
         e.failure, e.done = str(err), True
         return
     e.tool_errors += response.startswith("error:")
-    response_ids = tokenizer.encode(render_response(response), add_special_tokens=False)
+    response_ids = tokenizer.encode(_after_overshoot(text, render_response(response)), add_special_tokens=False)
     room = max_tokens - len(e.completion_ids)
     e.completion_ids += response_ids[:room]
     e.logprobs += [0.0] * len(response_ids[:room])
     e.loss_mask += [0] * len(response_ids[:room])
     if len(response_ids) >= room:  # no room left for the policy to read it and answer
         e.truncated = e.done = True
+
+
+def _after_overshoot(turn_text: str, rendered: str) -> str:
+    """The response without what the turn's last token already wrote past the stop string.
+
+    A sampled token can run past TOOL_CALL_CLOSE: SmolLM2's tokenizer merges "><" (from
+    `</tool_call><tool_response>` in the demonstrations), so the policy's last token is "><"
+    and the sampled ids already hold the response's first "<". Appending the whole response
+    would write "<<tool_response>" into every transcript (measured: 200 of 200 held-out
+    episodes), a text no demonstration shows; the sampled ids stay as they are.
+    """
+    overshoot = turn_text[turn_text.rindex(TOOL_CALL_CLOSE) + len(TOOL_CALL_CLOSE):]
+    return rendered[len(overshoot):] if overshoot and rendered.startswith(overshoot) else rendered
 
 
 def _call(turn_text: str, index: int, sandbox: ToolSandbox, tools: dict[str, list[str]]) -> str:

@@ -26,6 +26,7 @@ from rlkd.console import one_line
 from rlkd.tool_calls import MAX_RESPONSE_CHARS
 
 STARTUP_S = 60  # a fresh interpreter importing the environment module
+DIED, TIMED_OUT = "died", "timed out"  # _answer's two ways of not answering
 
 
 class ToolError(Exception):
@@ -109,26 +110,29 @@ class ToolSandbox:
             self._restart()
         self._conn.send((op, episode, payload))
         answer = self._answer()
-        if answer is None:
-            dead = not self._proc.is_alive()
+        if answer in (DIED, TIMED_OUT):
             self.episodes.pop(episode, None)
             self._restart()
-            raise ToolError(f"{what} {'killed its worker' if dead else f'timed out after {self.timeout_s:g} s'}")
+            raise ToolError(f"{what} {'killed its worker' if answer == DIED else f'timed out after {self.timeout_s:g} s'}")
         status, out = answer
         if status == "error":
             raise ToolError(f"{what} {out}")
         return out
 
-    def _answer(self, timeout_s: float | None = None) -> tuple[str, str] | None:
-        """The worker's answer, or None if it did not come within the limit or the worker died."""
+    def _answer(self, timeout_s: float | None = None) -> tuple[str, str] | str:
+        """The worker's answer, or DIED / TIMED_OUT."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         while not self._conn.poll(0.01):
-            if time.monotonic() > deadline or not self._proc.is_alive():
-                return None
+            if not self._proc.is_alive():
+                return DIED
+            if time.monotonic() > deadline:
+                return TIMED_OUT
         try:
             return self._conn.recv()
-        except (EOFError, OSError):  # the worker died after the poll saw its pipe close
-            return None
+        except (EOFError, OSError):
+            # Its end of the pipe closed: the worker is exiting, though is_alive() can still
+            # say True until it is reaped (a window that load widens), so ask the pipe, not it.
+            return DIED
 
     def _restart(self) -> None:
         """A fresh worker with every live episode replayed; one that no longer replays the same
@@ -143,7 +147,7 @@ class ToolSandbox:
             self._proc.start()
             child.close()
             self._conn.send(("end", -1, None))  # a no-op whose answer says the worker is up
-            if self._answer(STARTUP_S) is None:
+            if self._answer(STARTUP_S) in (DIED, TIMED_OUT):
                 raise ToolError(f"environment {self.spec} did not start in {STARTUP_S} s")
             failed = next((e for e, state in self.episodes.items() if not self._replay(e, state)), None)
             if failed is None:
@@ -154,6 +158,6 @@ class ToolSandbox:
         for op, payload in [("reset", state.row), *(("call", c) for c in state.calls)]:
             self._conn.send((op, episode, payload))
             answer = self._answer()
-            if answer is None or answer[0] == "error":
+            if answer in (DIED, TIMED_OUT) or answer[0] == "error":
                 return False
         return True

@@ -70,6 +70,24 @@ def test_the_transcript_is_the_sampled_tokens_and_the_responses_never_retokenize
     assert (ep.policy_tokens, ep.tool_tokens) == (len(turn1) + len(turn2), len(response))
 
 
+def test_a_last_token_past_the_stop_string_is_not_written_twice(tok, calc):
+    # SmolLM2 merges "><": a policy that ends its call the way the demonstrations tokenize
+    # samples "</tool_call><" in its last token, which already holds the response's "<".
+    call = render_call("calculate", expression="48 / 2")
+    turn1 = tok.encode(call + "<", add_special_tokens=False)
+    assert tok.decode(turn1[-1:]) == "><"
+    turn2 = tok.encode("48 / 2 = 24\n#### 24", add_special_tokens=False) + [tok.eos_token_id]
+    prompt = tok.encode("Q: half of 48?", add_special_tokens=False)
+    script = Script([[turn1, turn2]])
+    script.starts = [prompt]
+    [ep] = run_episodes(script, tok, [prompt], [{}], calc, TOOLS, max_turns=4, max_tokens=200)
+    response = tok.encode(render_response("24")[1:], add_special_tokens=False)
+    assert ep.completion_ids == turn1 + response + turn2  # the sampled ids untouched
+    assert ep.loss_mask == [1] * len(turn1) + [0] * len(response) + [1] * len(turn2)
+    text = tok.decode(ep.completion_ids, skip_special_tokens=True)
+    assert text == call + render_response("24") + "48 / 2 = 24\n#### 24"
+
+
 def test_policy_mistakes_are_answered_and_the_episode_goes_on(tok, calc):
     bad = [tok.encode("<tool_call>{not json}</tool_call>", add_special_tokens=False),
            tok.encode(render_call("multiply", a="2"), add_special_tokens=False),
