@@ -5,7 +5,9 @@ rlkd's own lines and progress bars on the terminal, library output in the run's 
 as one `rlkd: error:` line, Ctrl-C as one line naming what holds the run (exit 130).
 """
 
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +68,7 @@ def main(argv: list[str], restore_output: bool = True, *, default_recipe: str | 
     the library output goes to the run's log until `main` returns (`restore_output`, for callers
     in-process) or until the process exits (the CLI: what vLLM prints while shutting down stays
     in the log too). `default_recipe` and `forced` are those of `rlkd.compose.from_cli`."""
+    listen_for_ctrl_c()
     cfg, recipe = from_cli(argv, default_recipe=default_recipe, forced=forced)
     run_dir = make_run_dir(cfg, recipe)
     log = run_dir / "logs" / "run.log"
@@ -90,6 +93,19 @@ def main(argv: list[str], restore_output: bool = True, *, default_recipe: str | 
     finally:
         if restore and restore_output:
             restore()
+
+
+def listen_for_ctrl_c() -> None:
+    """SIGINT stops a run after saving its last finished step, however the shell started it.
+
+    A command a script starts in the background (`... &`, `nohup ... &`) inherits SIGINT
+    ignored, and Python then installs no KeyboardInterrupt: `kill -INT` did nothing to such a
+    run (seen on the main job), so it could only be killed, losing the steps since its last
+    checkpoint. Only the main thread may set a handler; an in-process caller elsewhere keeps
+    its own.
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fail(message: str, kept: bool) -> None:

@@ -52,7 +52,7 @@ def check(run: Path, reasoning: str) -> tuple[dict, list[str]]:
     test = mcnemar_exact([first[i] for i in ids], [final[i] for i in ids])
     failures = []
     if min(lengths.values()) < 0.5 * lengths[0]:
-        failures.append(f"length {min(lengths.values()):.0f} < half of step 0's {lengths[0]:.0f}")
+        failures.append(f"length {min(lengths.values()):.1f} < half of step 0's {lengths[0]:.1f}")
     if min(means[1:], default=means[0]) < means[0]:
         failures.append(f"{reasoning} 10-step mean {min(means[1:]):.3f} < steps 1-10's {means[0]:.3f}")
     if test["b10"] > test["b01"] and test["p_value"] < 0.05:
@@ -74,7 +74,7 @@ def main() -> None:
         lo0, hi0 = wilson_interval(k0, n)
         lo1, hi1 = wilson_interval(k1, n)
         print(f"{run}: {s['steps']} steps")
-        print("  held-out mean tokens by step: " + ", ".join(f"{st}: {v:.0f}" for st, v in s["lengths"].items()))
+        print("  held-out mean tokens by step: " + ", ".join(f"{st}: {v:.1f}" for st, v in s["lengths"].items()))
         print(f"  {args.reasoning} 10-step means: " + ", ".join(f"{m:.3f}" for m in s["means"]))
         print(f"  held-out correct: step 0 {k0}/{n} [{lo0:.1%}, {hi0:.1%}] -> step {s['last']} {k1}/{n} "
               f"[{lo1:.1%}, {hi1:.1%}], gained {s['test']['b01']} lost {s['test']['b10']}, p = {s['test']['p_value']:.3g}")

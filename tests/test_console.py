@@ -90,3 +90,27 @@ def test_progress_bars_outlive_a_terminal_pipe_that_closed(tmp_path):
     assert (tmp_path / "survived").exists(), log
     assert "Traceback" not in log and "BrokenPipeError" not in log, log
     assert "rlkd: interrupted; the eval run" in log
+
+
+# A run a script starts in the background inherits SIGINT ignored; `kill -INT` must still stop it.
+IGNORED_SCRIPT = """
+import os, signal, sys, time
+from rlkd import train
+
+def task(cfg, run_dir):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    (run_dir / "ignored").write_text("")
+
+train.TASKS[train.Task.eval] = task
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+train.main(["recipe=eval_gsm8k", "run.dir=" + sys.argv[1]], restore_output=False)
+"""
+
+
+def test_sigint_stops_a_run_started_with_sigint_ignored(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", IGNORED_SCRIPT, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert not (tmp_path / "ignored").exists()
+    assert "rlkd: interrupted; the eval run" in proc.stdout + proc.stderr

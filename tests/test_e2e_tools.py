@@ -20,17 +20,30 @@ pytestmark = pytest.mark.e2e
 STEPS = 2
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+# The same claim through the other code paths an environment must work with: CISPO's ratio
+# weighting, RLOO's baseline, a LoRA learner (adapters merged for the sync), two rollout actors
+# (episodes sharded with their rows) and dynamic sampling's redraws.
+VARIANTS = {
+    "grpo": ["grpo.dynamic_sampling=false"],
+    "cispo-rloo-lora-2actors-dynamic": [
+        "grpo.loss=cispo", "grpo.clip_low=1", "grpo.adv_estimator=rloo", "learner.lora.rank=8",
+        "rollout.num_actors=2", "rollout.kv_cache_gb=1", "grpo.dynamic_sampling=true",
+    ],
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def run_dir(request, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tools") / "run"
     cmd = [
         sys.executable, "-m", "rlkd.train", "recipe=grpo_calculator", f"run.dir={run_dir}",
         f"trainer.max_steps={STEPS}", "trainer.eval_every=2", "trainer.eval_samples=8",
-        "trainer.save_every=0", "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.dynamic_sampling=false",
+        "trainer.save_every=0", "grpo.group_size=4", "grpo.prompts_per_step=2",
         "rollout.max_new_tokens=96", "eval.max_new_tokens=96", "learner.lr=1e-6",  # small steps: the policy keeps calling the tool
         "learner.dtype=float32", "rollout.dtype=float32",  # fp32 both sides: a mis-scored token must show
         # Every completion gets a different reward, so every step scores every token.
         "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]", "rewards.weights=[0.1,1.0]",
+        *VARIANTS[request.param],
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
