@@ -4,9 +4,9 @@
         [--keys reward/total_mean,eval/accuracy,completion/mean_tokens] [--title ...]
 
 Each run is a line labelled by its run.seed (from config.yaml, else its directory name); a
-per-step metric is drawn as a running mean over --smooth steps, a held-out accuracy with its
-95% interval as error bars. One seed can look like a result; the spread across seeds is what
-tells whether it is one.
+per-step metric is drawn as a running mean over --smooth steps, an eval metric point by point
+(a held-out accuracy with its 95% interval as error bars). One seed can look like a result;
+the spread across seeds is what tells whether it is one.
 """
 
 import argparse
@@ -59,6 +59,8 @@ def main() -> None:
                 err = [[v - r[f"{key}_ci_low"] for v, r in zip(values, pts, strict=True)],
                        [r[f"{key}_ci_high"] - v for v, r in zip(values, pts, strict=True)]]
                 ax.errorbar(steps, values, yerr=err, marker="o", ms=4, capsize=3, label=label(run))
+            elif key.startswith("eval/"):  # a few evals: a running mean would blend them
+                ax.plot(steps, values, marker="o", ms=4, lw=1.6, label=label(run))
             else:
                 ax.plot(steps, running_mean(values, args.smooth), lw=1.6, label=label(run))
         ax.set_ylabel(key, fontsize=8)

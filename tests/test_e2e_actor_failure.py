@@ -38,6 +38,7 @@ def run(tmp_path_factory):
         "grpo.group_size=4", "grpo.prompts_per_step=2", "learner.lr=2e-5",
         "learner.dtype=float32", "rollout.dtype=float32",  # exact sync check on any CPU
         "rewards.funcs=[tests/data/shaping_rewards.py:concise]", "rewards.weights=[1.0]",
+        "grpo.beta=0", "grpo.overlong=none",  # the main job's KL anchor and overlong mask: not under test
     ], log)
     events = {}
     try:
@@ -86,7 +87,7 @@ def test_learner_death_stops_cleanly_naming_the_last_checkpoint(tmp_path):
         "trainer.max_steps=4", "trainer.eval_every=0", "trainer.save_every=1",
         "rollout.max_new_tokens=16", "rollout.kv_cache_gb=1", "grpo.group_size=4",
         "grpo.prompts_per_step=1", "rewards.funcs=[tests/data/shaping_rewards.py:concise]",
-        "rewards.weights=[1.0]",
+        "rewards.weights=[1.0]", "grpo.beta=0", "grpo.overlong=none",
     ], log)
     try:
         wait_for(lambda: len(metrics(run_dir)) >= 2, proc, 1800, log)
