@@ -19,7 +19,7 @@ from tqdm import tqdm
 from rlkd.answer import answers_match, extract_answer
 from rlkd.config import DataConfig
 from rlkd.console import out, terminal
-from rlkd.data import build_prompt
+from rlkd.data import build_prompt, read_jsonl
 from rlkd.journal import Journal
 from rlkd.stats import mean_ci, wilson_interval
 from rlkd.types import Episodes, Example, Generation, SamplingSpec
@@ -148,6 +148,17 @@ def write_results(run_dir: Path, model_path, predictions: list[dict], metrics: d
         for p in predictions:
             f.write(json.dumps(p) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps({"model": str(model_path), **metrics}, indent=2))
+
+
+def _prediction_problem(row: dict) -> str | None:
+    if isinstance(row.get("id"), str | int) and isinstance(row.get("correct"), bool):
+        return None
+    return "not a predictions row (needs an 'id' and a boolean 'correct')"
+
+
+def read_predictions(path: str | Path) -> dict[str, bool]:
+    """A predictions.jsonl as {question id: correct}: what eval.compare and the scripts read."""
+    return {str(row["id"]): row["correct"] for row in read_jsonl(path, check=_prediction_problem)}
 
 
 def print_summary(model: str, split: str, metrics: dict, run_dir: Path, title: str) -> None:

@@ -27,6 +27,7 @@ from rlkd.tool_calls import MAX_RESPONSE_CHARS
 
 STARTUP_S = 60  # a fresh interpreter importing the environment module
 DIED, TIMED_OUT = "died", "timed out"  # _answer's two ways of not answering
+NO_ANSWER = (DIED, TIMED_OUT)
 
 
 class ToolError(Exception):
@@ -110,7 +111,7 @@ class ToolSandbox:
             self._restart()
         self._conn.send((op, episode, payload))
         answer = self._answer()
-        if answer in (DIED, TIMED_OUT):
+        if answer in NO_ANSWER:
             self.episodes.pop(episode, None)
             self._restart()
             raise ToolError(f"{what} {'killed its worker' if answer == DIED else f'timed out after {self.timeout_s:g} s'}")
@@ -147,7 +148,7 @@ class ToolSandbox:
             self._proc.start()
             child.close()
             self._conn.send(("end", -1, None))  # a no-op whose answer says the worker is up
-            if self._answer(STARTUP_S) in (DIED, TIMED_OUT):
+            if self._answer(STARTUP_S) in NO_ANSWER:
                 raise ToolError(f"environment {self.spec} did not start in {STARTUP_S} s")
             failed = next((e for e, state in self.episodes.items() if not self._replay(e, state)), None)
             if failed is None:
@@ -158,6 +159,6 @@ class ToolSandbox:
         for op, payload in [("reset", state.row), *(("call", c) for c in state.calls)]:
             self._conn.send((op, episode, payload))
             answer = self._answer()
-            if answer in (DIED, TIMED_OUT) or answer[0] == "error":
+            if answer in NO_ANSWER or answer[0] == "error":
                 return False
         return True

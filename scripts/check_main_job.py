@@ -13,10 +13,10 @@ writes); the exit code is 1 when a criterion fails on any run, so a CI or a swee
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from rlkd.scoring import read_predictions
 from rlkd.stats import mcnemar_exact, wilson_interval
 from rlkd.tracking import read_metrics
 
@@ -27,7 +27,7 @@ def predictions(run: Path, step: int) -> dict[str, bool]:
     path = run / "eval" / f"step-{step}" / "predictions.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: no held-out predictions (was the run evaluated at step {step}?)")
-    return {r["id"]: bool(r["correct"]) for r in map(json.loads, path.read_text().splitlines()) if r}
+    return read_predictions(path)
 
 
 def check(run: Path, reasoning: str) -> tuple[dict, list[str]]:
@@ -41,8 +41,8 @@ def check(run: Path, reasoning: str) -> tuple[dict, list[str]]:
     trained = [r for r in rows if key in r]
     if len(trained) < WINDOW:
         raise SystemExit(f"{run}: {len(trained)} steps logged {key}; need at least {WINDOW}")
-    means = [sum(r[key] for r in trained[i:i + WINDOW]) / len(trained[i:i + WINDOW])
-             for i in range(0, len(trained), WINDOW)]
+    blocks = [[r[key] for r in trained[i:i + WINDOW]] for i in range(0, len(trained), WINDOW)]
+    means = [sum(b) / len(b) for b in blocks]
     lengths = {s: e["eval/mean_completion_tokens"] for s, e in sorted(evals.items())}
     last = max(evals)
     first, final = predictions(run, 0), predictions(run, last)

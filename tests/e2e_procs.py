@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 # A small GRPO run that checkpoints every step. vLLM's CPU sampling logprobs differ between two
 # fresh processes by ~1e-9 to 1e-6 (same weights, seeds and tokens); the update sees them only
 # through the truncated importance weight, so `grpo.tis_cap=0` makes resumed runs bit-identical.
+# grpo_gsm8k is the main job; runs that test mechanics on it turn off its KL anchor (a reference
+# model to load) and its overlong mask (their 16-48-token rollouts would all be cut and masked).
+MECHANICS_ARGS = ["grpo.beta=0", "grpo.overlong=none"]
 RESUME_ARGS = [
     "recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", "trainer.eval_every=0", "trainer.save_every=1",
     "trainer.keep_checkpoints=2", "rollout.max_new_tokens=24", "rollout.kv_cache_gb=1", "grpo.group_size=4",
@@ -25,8 +28,7 @@ RESUME_ARGS = [
     # fp32 rollouts on every CPU: in bf16 (auto on AVX-512-bf16) a resumed engine's logprobs
     # differed from the straight run's by up to 1e-3 (2026-12-07), over VLLM_NOISE_KEYS' 1e-5.
     "rollout.dtype=float32",
-    # The main job's KL anchor and overlong mask are not what these runs test: off, as before.
-    "grpo.beta=0", "grpo.overlong=none",
+    *MECHANICS_ARGS,
     "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]", "rewards.weights=[1.0,0.5]",
 ]
 # Logged per step and fully determined by the weights, the prompts and the sampling seed.

@@ -7,7 +7,7 @@ import signal
 import psutil
 import pytest
 from conftest import GSM8K_DIR
-from e2e_procs import log_tail, metrics, reap, start_cli, tagged, wait_for
+from e2e_procs import MECHANICS_ARGS, log_tail, metrics, reap, start_cli, tagged, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
         "grpo.group_size=4", "grpo.prompts_per_step=2", "learner.lr=2e-5",
         "learner.dtype=float32", "rollout.dtype=float32",  # exact sync check on any CPU
         "rewards.funcs=[tests/data/shaping_rewards.py:concise]", "rewards.weights=[1.0]",
-        "grpo.beta=0", "grpo.overlong=none",  # the main job's KL anchor and overlong mask: not under test
+        *MECHANICS_ARGS,
     ], log)
     events = {}
     try:
@@ -87,7 +87,7 @@ def test_learner_death_stops_cleanly_naming_the_last_checkpoint(tmp_path):
         "trainer.max_steps=4", "trainer.eval_every=0", "trainer.save_every=1",
         "rollout.max_new_tokens=16", "rollout.kv_cache_gb=1", "grpo.group_size=4",
         "grpo.prompts_per_step=1", "rewards.funcs=[tests/data/shaping_rewards.py:concise]",
-        "rewards.weights=[1.0]", "grpo.beta=0", "grpo.overlong=none",
+        "rewards.weights=[1.0]", *MECHANICS_ARGS,
     ], log)
     try:
         wait_for(lambda: len(metrics(run_dir)) >= 2, proc, 1800, log)

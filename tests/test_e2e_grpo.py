@@ -14,6 +14,7 @@ import textwrap
 import pytest
 import torch
 from conftest import GSM8K_DIR, REPO_ROOT
+from e2e_procs import MECHANICS_ARGS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory):
         # signal, so every step trains.
         "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]",
         "rewards.weights=[1.0,0.0]",
-        "grpo.beta=0", "grpo.overlong=none",  # the main job's KL anchor and overlong mask: not under test
+        *MECHANICS_ARGS,
     ]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stderr[-4000:]

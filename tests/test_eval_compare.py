@@ -11,8 +11,9 @@ import pytest
 
 from rlkd.compose import load_config
 from rlkd.errors import ConfigError
+from rlkd.scoring import read_predictions
 from rlkd.stats import mcnemar_exact
-from rlkd.tasks.eval import _read_predictions, compare, evaluate
+from rlkd.tasks.eval import compare, evaluate
 
 # Paired outcomes (a correct, b correct) -> how many questions: b01 = 7, b10 = 2, n = 18.
 COUNTS = {(True, True): 6, (False, False): 3, (False, True): 7, (True, False): 2}
@@ -117,7 +118,7 @@ def test_evaluate_with_eval_compare_only_compares(prediction_files, tmp_path):
 
 def test_read_predictions_skips_blank_lines_and_keeps_bools(prediction_files):
     path_a, _, outcomes = prediction_files
-    rows = _read_predictions(path_a)
+    rows = read_predictions(path_a)
     assert rows == {
         **{qid: a for qid, (a, _) in outcomes.items()},
         "only-a-1": True,
@@ -150,7 +151,7 @@ def test_valid_json_that_is_not_a_row_names_file_and_line(tmp_path, bad_line):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(row("q0", True)) + "\n" + bad_line + "\n")
     with pytest.raises(ConfigError, match=r":2: "):
-        _read_predictions(str(path))
+        read_predictions(str(path))
 
 
 @pytest.mark.parametrize("which", ["a", "b"])

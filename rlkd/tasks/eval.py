@@ -21,12 +21,19 @@ from transformers import AutoTokenizer
 from rlkd.actors.cluster import engine_kwargs
 from rlkd.actors.rollout import RolloutWorker
 from rlkd.config import Config
-from rlkd.data import load_split, read_jsonl, split_held_out
+from rlkd.data import load_split, split_held_out
 from rlkd.errors import ConfigError
 from rlkd.journal import journaled
 from rlkd.models import count_parameters, resolve_model
 from rlkd.preflight import check_context, check_prompt_lengths, load_environment_spec
-from rlkd.scoring import PeakMemory, print_summary, print_table, score, write_results
+from rlkd.scoring import (
+    PeakMemory,
+    print_summary,
+    print_table,
+    read_predictions,
+    score,
+    write_results,
+)
 from rlkd.stats import mcnemar_exact
 from rlkd.types import SamplingSpec
 
@@ -68,22 +75,12 @@ def evaluate(cfg: Config, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
-def _prediction_problem(row: dict) -> str | None:
-    if isinstance(row.get("id"), str | int) and isinstance(row.get("correct"), bool):
-        return None
-    return "not a predictions row (needs an 'id' and a boolean 'correct')"
-
-
-def _read_predictions(path: str) -> dict[str, bool]:
-    return {str(row["id"]): row["correct"] for row in read_jsonl(path, check=_prediction_problem)}
-
-
 def compare(path_a: str, path_b: str, out: Path | None = None) -> dict[str, float]:
     """Paired McNemar exact test over the questions both prediction files answered."""
     for p in (path_a, path_b):
         if not Path(p).exists():
             raise ConfigError(f"eval.compare: no such predictions file '{p}'")
-    a, b = _read_predictions(path_a), _read_predictions(path_b)
+    a, b = read_predictions(path_a), read_predictions(path_b)
     shared = sorted(set(a) & set(b))
     if not shared:
         raise ConfigError(f"eval.compare: '{path_a}' and '{path_b}' share no question ids")
