@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import os
 import re
 import sys
 from dataclasses import fields, is_dataclass
@@ -284,6 +285,15 @@ def validate(cfg: Config) -> None:
     if cfg.rollout.environment and cfg.task not in (Task.grpo, Task.eval):
         raise ConfigError(f"rollout.environment={cfg.rollout.environment!r} works with task=grpo and eval only "
                           f"(got task={cfg.task.value})")
+    for key, cores in {"rollout.cpu_cores": cfg.rollout.cpu_cores, "learner.cpu_cores": cfg.learner.cpu_cores}.items():
+        if any(c < 0 for c in cores) or len(set(cores)) != len(cores):
+            raise ConfigError(f"{key}={list(cores)}: CPU ids must be distinct and >= 0")
+        mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        if cores and not cfg.ray.address and mine and not set(cores) <= set(mine):
+            raise ConfigError(f"{key}={list(cores)}: this machine runs on CPUs {mine}")
+    if cfg.rollout.max_staleness and cfg.task != Task.grpo:
+        raise ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness} works with task=grpo only "
+                          f"(got task={cfg.task.value}): distillation samples the student on-policy")
     if cfg.eval.compare and len(cfg.eval.compare) != 2:
         raise ConfigError(f"eval.compare needs exactly two predictions files, got {cfg.eval.compare}")
     if cfg.task == Task.distill:
@@ -309,6 +319,7 @@ def check_ranges(cfg: Config) -> None:
         ("eval.num_samples", cfg.eval.num_samples, cfg.eval.num_samples >= 0, ">= 0"),
         ("rollout.max_turns", ro.max_turns, ro.max_turns >= 1, ">= 1"),
         ("rollout.tool_timeout_s", ro.tool_timeout_s, ro.tool_timeout_s > 0, "> 0"),
+        ("rollout.max_staleness", ro.max_staleness, ro.max_staleness >= 0, ">= 0 (0 is the synchronous loop)"),
         ("trainer.max_steps", t.max_steps, t.max_steps >= 0, ">= 0"),
         ("trainer.eval_every", t.eval_every, t.eval_every >= 0, ">= 0"),
         ("trainer.eval_samples", t.eval_samples, t.eval_samples >= 1, ">= 1"),

@@ -214,6 +214,14 @@ class RolloutConfig:
     """Policy turns per episode at most (with an environment); the last turn's text is scored."""
     tool_timeout_s: float = 5.0
     """A tool call that takes longer ends its episode, recorded and counted; the run goes on."""
+    max_staleness: int = 0
+    """GRPO: generate up to k steps ahead while the learner trains, on weights at most k versions
+    old (rlkd/offpolicy.py: the schedule, and the importance correction the learner applies).
+    0: the synchronous loop, each step sampled by the weights it trains."""
+    cpu_cores: list[int] = field(default_factory=list)
+    """CPU ids each rollout engine's threads are bound to (Linux, vLLM's
+    VLLM_CPU_OMP_THREADS_BIND); [] lets vLLM choose. With max_staleness > 0 on one machine,
+    give the rollout and the learner (learner.cpu_cores) disjoint cores, or they contend."""
 
 
 @dataclass
@@ -244,6 +252,9 @@ class LearnerConfig:
     """Linear learning-rate warm-up steps (optimizer steps)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
+    cpu_cores: list[int] = field(default_factory=list)
+    """CPU learner: pin each worker to these CPU ids, one thread each (Linux); [] uses every
+    core, since the synchronous loop's rollout and update phases take turns."""
     micro_batch_size: int = 8
     """Sequences per forward/backward (SFT and distillation); gradients accumulate over a
     mini-batch."""

@@ -170,4 +170,5 @@ def _slice(gen: Generation, j: int, G: int) -> Generation:
     s = slice(j * G, (j + 1) * G)
     return Generation([gen.prompt_ids[j]], gen.completion_ids[s], gen.logprobs[s], gen.texts[s],
                       gen.truncated[s], gen.seconds, gen.loss_masks[s],
-                      gen.episodes.select(list(range(j * G, (j + 1) * G))) if gen.episodes else None)
+                      gen.episodes.select(list(range(j * G, (j + 1) * G))) if gen.episodes else None,
+                      gen.policy_versions[s])

@@ -91,6 +91,9 @@ class Generation:
     # (their logprobs are 0.0 placeholders); loss, ratios and length statistics read only the 1s.
     loss_masks: list[list[int]] = field(default_factory=list)
     episodes: Episodes | None = None  # multi-turn only
+    # [P*n]: the weights version that sampled each completion (the rollout actor's, counted in
+    # learner steps), which rollout.max_staleness bounds; [] where no rollout actor sampled.
+    policy_versions: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +117,7 @@ class Generation:
             seconds=max((g.seconds for g in parts), default=0.0),
             loss_masks=_concat_masks([(g.loss_masks, g.completion_ids) for g in parts]),
             episodes=Episodes.concat([g.episodes for g in parts]) if any(g.episodes for g in parts) else None,
+            policy_versions=[x for g in parts for x in g.policy_versions] if all(g.policy_versions for g in parts) else [],
         )
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench_common import REPO_ROOT, RESULTS_DIR, machine
 
-BENCHES = ["bench_rollout", "bench_vllm_cpu", "bench_grpo_step", "bench_sync", "bench_learner", "bench_distill_learner", "bench_lora"]
+BENCHES = ["bench_rollout", "bench_vllm_cpu", "bench_grpo_step", "bench_sync", "bench_learner", "bench_distill_learner", "bench_lora", "bench_async"]
 ACTORS_SCRIPT = REPO_ROOT / "scripts" / "bench_rollout_actors.py"
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 

@@ -21,16 +21,20 @@ from safetensors.torch import load_file
 # grpo_gsm8k is the main job; runs that test mechanics on it turn off its KL anchor (a reference
 # model to load) and its overlong mask (their 16-48-token rollouts would all be cut and masked).
 MECHANICS_ARGS = ["grpo.beta=0", "grpo.overlong=none"]
-RESUME_ARGS = [
-    "recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", "trainer.eval_every=0", "trainer.save_every=1",
-    "trainer.keep_checkpoints=2", "rollout.max_new_tokens=24", "rollout.kv_cache_gb=1", "grpo.group_size=4",
-    "grpo.prompts_per_step=2", "grpo.tis_cap=0", "learner.lr=2e-5", "learner.warmup_steps=2",
+# The run mechanics every resume test pins, whatever it trains on.
+RESUME_PINS = [
+    "trainer.eval_every=0", "trainer.save_every=1", "trainer.keep_checkpoints=2", "rollout.kv_cache_gb=1",
+    "grpo.group_size=4", "grpo.prompts_per_step=2", "grpo.tis_cap=0", "learner.lr=2e-5", "learner.warmup_steps=2",
     # fp32 rollouts on every CPU: in bf16 (auto on AVX-512-bf16) a resumed engine's logprobs
     # differed from the straight run's by up to 1e-3 (2026-12-07), over VLLM_NOISE_KEYS' 1e-5.
     "rollout.dtype=float32",
-    *MECHANICS_ARGS,
     "rewards.funcs=[tests/data/shaping_rewards.py:concise,gsm8k_correct]", "rewards.weights=[1.0,0.5]",
 ]
+RESUME_ARGS = ["recipe=grpo_gsm8k", f"data.path={GSM8K_DIR}", "rollout.max_new_tokens=24",
+               *MECHANICS_ARGS, *RESUME_PINS]
+# Multi-turn episodes with the calculator: 96 tokens leave room for a call, its result and the
+# answer, so a resumed run must re-create every tool turn, not only the sampled text.
+TOOL_RESUME_ARGS = ["recipe=grpo_calculator", "rollout.max_new_tokens=96", *RESUME_PINS]
 # Logged per step and fully determined by the weights, the prompts and the sampling seed.
 EXACT_KEYS = ["train/loss", "train/grad_norm", "train/lr", "train/entropy_proxy",
               "train/clip_frac", "reward/total_mean", "completion/mean_tokens"]

@@ -369,6 +369,16 @@ def test_environment_and_fewshot_errors_are_one_line(overrides, message):
     assert re.search(message, one_line_error(None, overrides))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.max_staleness=-1"], r"rollout.max_staleness=-1 must be >= 0 \(0 is the synchronous loop\)"),
+    (["task=distill", "rollout.max_staleness=1"], r"rollout.max_staleness=1 works with task=grpo only \(got task=distill\)"),
+    (["rollout.cpu_cores=[0,0]"], r"rollout.cpu_cores=\[0, 0\]: CPU ids must be distinct and >= 0"),
+    (["learner.cpu_cores=[4096]"], r"learner.cpu_cores=\[4096\]: this machine runs on CPUs \[0"),
+])
+def test_async_and_core_binding_errors_are_one_line(overrides, message):
+    assert re.search(message, one_line_error(None, overrides))
+
+
 def test_enum_values_are_accepted_as_written_in_the_docs():
     assert load_config(None, ["rewards.on_error=raise"]).rewards.on_error == OnError.raise_
     assert load_config(None, ["rewards.on_error=zero"]).rewards.on_error == OnError.zero

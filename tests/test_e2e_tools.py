@@ -22,7 +22,9 @@ STEPS = 2
 
 # The same claim through the other code paths an environment must work with: CISPO's ratio
 # weighting, RLOO's baseline, a LoRA learner (adapters merged for the sync), two rollout actors
-# (episodes sharded with their rows) and dynamic sampling's redraws.
+# (episodes sharded with their rows) and dynamic sampling's redraws. `make test` runs that
+# variant, which takes every multi-turn path the plain one does and more; the plain GRPO run is
+# `slow` (about 2 minutes, to keep CI under 30): its loss is test_e2e_grpo's, single-turn.
 VARIANTS = {
     "grpo": ["grpo.dynamic_sampling=false"],
     "cispo-rloo-lora-2actors-dynamic": [
@@ -32,7 +34,8 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(VARIANTS))
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=[pytest.mark.slow] if name == "grpo" else []) for name in VARIANTS])
 def run_dir(request, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("tools") / "run"
     cmd = [

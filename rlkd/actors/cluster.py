@@ -131,13 +131,21 @@ def free_port() -> int:
 
 
 def sync_weights(actors: Actors) -> None:
-    """Push the learner's weights to every rollout actor: one export, read by all."""
+    """Push the learner's weights to every rollout actor: one export, read by all. Every actor
+    must then hold the learner's version: a lost or stale update is an error, never silent."""
     if actors.transport == "nccl":  # every rank: ZeRO-3 gathers each layer collectively
         ray.get([learner.send_weights_nccl.remote() for learner in actors.learners])
-        return
-    # Every rank exports (ZeRO-3 gathers collectively); rank 0's update goes to every actor.
-    updates = [learner.export_weights.remote(actors.transport) for learner in actors.learners]
-    ray.get([*(r.update_weights.remote(updates[0]) for r in actors.rollouts), *updates[1:]])
+        version = ray.get(actors.learner.steps_done.remote())
+        held = ray.get([r.confirm_weights.remote(version) for r in actors.rollouts])
+    else:
+        # Every rank exports (ZeRO-3 gathers collectively); rank 0's update goes to every actor.
+        updates = [learner.export_weights.remote(actors.transport) for learner in actors.learners]
+        held = ray.get([r.update_weights.remote(updates[0]) for r in actors.rollouts])
+        ray.get(updates[1:])
+        version = ray.get(actors.learner.steps_done.remote())
+    for i, v in enumerate(held):
+        if v != version:
+            raise RuntimeError(f"rollout actor {i} holds weights v{v} after a sync, the learner v{version}")
 
 
 def save_checkpoint(actors: Actors, run_dir: Path, step: int, keep: int, state: dict | None = None) -> str:
@@ -169,7 +177,8 @@ def rollout_actor(cfg: Config, model_path: str, index: int = 0, options: dict | 
     options = options or {"num_cpus": 0, "num_gpus": cfg.rollout.gpus_per_actor}
     return RolloutActor.options(**options, max_restarts=cfg.rollout.max_restarts).remote(
         model_path, **engine_kwargs(cfg, seed=cfg.run.seed + index),
-        tensor_parallel_size=cfg.rollout.tensor_parallel_size, actor_index=index, **extra)
+        tensor_parallel_size=cfg.rollout.tensor_parallel_size, actor_index=index,
+        cpu_cores=list(cfg.rollout.cpu_cores), **extra)
 
 
 def teacher_actor(cfg: Config, model_path: str) -> ray.actor.ActorHandle:

@@ -65,7 +65,10 @@ class Learner:
         torch.manual_seed(cfg.run.seed)
         self.cfg, self.model_path = cfg, model_path
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and cfg.learner.cpu_cores:  # beside a rollout generating ahead
+            os.sched_setaffinity(0, cfg.learner.cpu_cores)
+            torch.set_num_threads(len(cfg.learner.cpu_cores))
+        elif self.device.type == "cpu":
             # Rollout and learner phases alternate, so the learner may use every core; Ray would
             # otherwise pin it to OMP_NUM_THREADS=num_cpus.
             torch.set_num_threads(os.cpu_count())

@@ -132,8 +132,12 @@ class RolloutWorker:
         seed: int = 0,
         logprobs_mode: str = "processed_logprobs",
         actor_index: int = 0,
+        cpu_cores: list[int] | None = None,
     ):
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gb)
+        if cpu_cores and not use_gpu:  # the engine process inherits the binding
+            os.sched_setaffinity(0, cpu_cores)
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpu_cores))
         start = time.perf_counter()
         if use_gpu:
             extra = {"weight_transfer_config": {"backend": "nccl"}, "gpu_memory_utilization": gpu_memory_utilization}
@@ -166,7 +170,8 @@ class RolloutWorker:
         self._stopping = threading.Event()
         _exit_when_engine_dies(self.llm.llm_engine.engine_core, self._stopping)
         self.startup_seconds = time.perf_counter() - start
-        self.version = 0
+        self.version = 0  # of the weights loaded, in learner steps (0: the checkpoint started from)
+        self._nccl_update_arrived = False
         self._sandbox: ToolSandbox | None = None
 
     def generate(self, prompts: list[str], spec: SamplingSpec, rows: list[dict] | None = None) -> Generation:
@@ -195,6 +200,7 @@ class RolloutWorker:
                 gen.logprobs.append([step[t].logprob for t, step in zip(ids, c.logprobs, strict=True)])
                 gen.texts.append(c.text)
                 gen.truncated.append(c.finish_reason == "length")
+        gen.policy_versions = [self.version] * len(gen.completion_ids)
         return gen
 
     def _episodes(self, prompts: list[str], spec: SamplingSpec, rows: list[dict]) -> Generation:
@@ -240,6 +246,7 @@ class RolloutWorker:
             episodes=Episodes([e.turns for e in episodes], [e.tool_calls for e in episodes],
                               [e.tool_errors for e in episodes], [e.failure for e in episodes],
                               [e.tool_tokens for e in episodes]),
+            policy_versions=[self.version] * len(episodes),
         )
         return gen
 
@@ -248,17 +255,20 @@ class RolloutWorker:
             self._sandbox.close()
         self._sandbox = None
 
-    def update_weights(self, update: WeightUpdate | WeightTransferUpdateRequest) -> float:
-        """Load new weights; returns seconds spent. NCCL requests come from vLLM's sync client."""
-        start = time.perf_counter()
+    def update_weights(self, update: WeightUpdate | WeightTransferUpdateRequest) -> int:
+        """Load new weights; returns the version now loaded. NCCL requests come from vLLM's sync
+        client (and `confirm_weights` then sets the version). Older weights than those loaded
+        are an error: an update that arrives late must not silently roll the policy back."""
         if isinstance(update, WeightTransferUpdateRequest):
             self.llm.collective_rpc("update_weights", kwargs={"update_info": update.update_info})
         else:
+            if update.version < self.version:
+                raise RuntimeError(f"stale weight update: v{update.version} arrived after v{self.version}")
             self.llm.collective_rpc(_load_weights_in_worker, args=(update.path, update.blob))
             self.version = update.version
         # Cached prefixes were computed with the old weights.
         self.llm.reset_prefix_cache()
-        return time.perf_counter() - start
+        return self.version
 
     # The GPU transport: vLLM's RayVLLMWeightSyncClient calls these by name on every actor.
     def init_weight_transfer_engine(self, request: WeightTransferInitRequest) -> None:
@@ -272,7 +282,17 @@ class RolloutWorker:
 
     def finish_weight_update(self) -> None:
         self.llm.collective_rpc("finish_weight_update")
-        self.version += 1
+        self._nccl_update_arrived = True
+
+    def confirm_weights(self, version: int) -> int:
+        """After an NCCL broadcast of the learner's `version`: it must have arrived here."""
+        if not self._nccl_update_arrived:
+            raise RuntimeError(f"the NCCL weight update to v{version} never reached this rollout actor")
+        if version < self.version:
+            raise RuntimeError(f"stale weight update: v{version} arrived after v{self.version}")
+        self._nccl_update_arrived, self.version = False, version
+        self.llm.reset_prefix_cache()
+        return self.version
 
     def shutdown(self) -> None:
         """Stop vLLM's engine processes; Ray's kill of this actor would orphan them."""

@@ -4,6 +4,9 @@
         sample prompts -> generate G completions each (vLLM rollout actors)
         -> rewards -> group advantages -> learner update (DeepSpeed) -> weight sync
         -> log, periodic eval on held-out questions, checkpoint
+
+With rollout.max_staleness = k > 0 the generation of step n+k overlaps step n's update
+(rlkd/offpolicy.py: the schedule, and why it resumes exactly).
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from rlkd.actors.recovery import (
 from rlkd.actors.rollout import generate_sharded
 from rlkd.collapse import CollapseWatch
 from rlkd.config import Config, Overlong
-from rlkd.console import out, terminal
+from rlkd.console import out, say, terminal
 from rlkd.data import PromptSampler
+from rlkd.errors import InputError
 from rlkd.losses import BASELINES, group_advantages
+from rlkd.offpolicy import RolloutsAhead, staleness_metrics
 from rlkd.preflight import load_inputs, reward_name
 from rlkd.resume import (
     checkpoint_step,
@@ -93,6 +98,12 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
     collapse = CollapseWatch(t.collapse_window, t.collapse_length_ratio, list(reward_fns))
     collapse.replay(read_metrics(run_dir / "metrics.jsonl"))  # a resumed run's steps 1..start_step
     eval_spec = SamplingSpec(n=1, max_tokens=cfg.eval.max_new_tokens, temperature=0.0, environment=inputs.environment)
+    k = cfg.rollout.max_staleness
+
+    def produce(step: int):  # on the driver's thread (k = 0) or the background one
+        return sample_step(cfg, sampler, tokenizer, generate, reward_fns, reward_weights, replace(spec), step)
+
+    ahead: RolloutsAhead | None = None
     metrics: dict[str, float] = {}
     progress = Progress(start_step, start_step, start_step)
     done_state = None
@@ -117,6 +128,8 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
         _plots(run_dir, cfg)
         if own_actors:
             stop_actors(actors)
+        if ahead is not None:  # after the actors: a generation still running ends with them
+            ahead.close()
 
     bar = tqdm(range(start_step + 1, t.max_steps + 1), desc="grpo", unit="step", dynamic_ncols=True, file=terminal(),
                initial=start_step, total=t.max_steps)
@@ -126,18 +139,22 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                          died=learner_died,
                          can_save=lambda: ray.get(actors.learner.steps_done.remote()) == progress.done)
     with tail:
+        pending = {}
         if resume_from:
             state = call_learners(actors, "load_checkpoint", str(resume_from))
             _, bad_steps = restore_driver_state(state, sampler)
+            pending = _pending_rollouts(state, k, resume_from)
             sync_weights(actors)
-            bar.write(f"rlkd: resumed from {resume_from}")
+            _note(bar, f"rlkd: resumed from {resume_from}")
         elif t.eval_every:  # the untrained policy, so the curve and eval/ start from it
             tracker.log(0, held_out(0))
+        ahead = RolloutsAhead(produce, k, t.max_steps, pending)
         for step in bar:
             progress.step = step
             timer, start = Timer(step), time.perf_counter()
             with timer("generate"):
-                ro = sample_step(cfg, sampler, tokenizer, generate, reward_fns, reward_weights, spec, step)
+                ro = ahead.take(step)
+            ahead.start_ahead(step)  # k > 0: step + k generates while this step trains
             with timer("reward"):
                 advantages_N, adv_metrics = group_advantages(
                     torch.tensor(ro.rewards_N), g.group_size, scale=g.adv_scale.value,
@@ -162,6 +179,9 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                     with timer("train"):
                         metrics = call_learners(actors, "train_step", batch)
                     bad_steps = count_bad_steps(bad_steps, metrics["train/skipped_steps"], step, t.max_bad_steps)
+                    if k:  # the generation ahead lands before the sync replaces its weights
+                        with timer("wait_rollouts"):
+                            ahead.settle()
                     with timer("sync"):
                         guard("weight sync", partial(sync_weights, actors))
                     lengths = gen.policy_tokens()  # tool tokens are not the policy's length
@@ -174,8 +194,12 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                         "rollout/tokens_per_s": ro.metrics["sampling/tokens_generated"] / max(gen.seconds, 1e-9),
                         "time/step": time.perf_counter() - start,  # generate to sync: eval and saves apart
                     })
+                    if k:
+                        metrics.update(staleness_metrics(gen.policy_versions, step - 1, k, lengths))
                     progress.done = step
                     done_state = driver_state(step, sampler, bad_steps) if t.save_state else None
+                    if done_state is not None and k:  # generated ahead, not yet trained on
+                        done_state |= {"max_staleness": k, "pending_rollouts": ahead.pending()}
                 if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                     with timer("eval"):
                         metrics.update(held_out(step))
@@ -183,12 +207,15 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
                     with hold_interrupts(f"writing checkpoint-{step}"), timer("checkpoint"):
                         checkpoint()
             metrics.update(timer.metrics())
+            if k:  # and the bar shows how far generation has run ahead of training
+                metrics.update(ahead.idle_metrics(metrics))
+                metrics["offpolicy/generated_through"] = float(max(ahead.pending(), default=step))
             tracker.log(step, metrics)
             bar.set_postfix(_postfix(metrics))
             stop = signal_guard.check(step, metrics)
             hacking = collapse.observe(step, metrics)
             if hacking:
-                bar.write(f"rlkd: {hacking}")
+                _note(bar, f"rlkd: {hacking}")
                 stop = stop or (hacking if t.stop_on_collapse else None)
             if stop:
                 if progress.saved < progress.done:
@@ -200,9 +227,25 @@ def train(cfg: Config, run_dir: Path, actors: Actors | None = None) -> dict[str,
     return metrics
 
 
+def _note(bar: tqdm, message: str) -> None:
+    """A line for the terminal (and the run log) above the progress bar. tqdm's own `write`
+    prints to sys.stdout, which is the run log once library output is captured."""
+    with bar.external_write_mode(file=terminal()):
+        say(message)
+
+
+def _pending_rollouts(state: dict, k: int, checkpoint: Path) -> dict:
+    """The rollouts a checkpoint generated ahead of its step; resuming needs the same k."""
+    saved = state.get("max_staleness", 0)
+    if saved != k:
+        raise InputError(f"{checkpoint} was saved with rollout.max_staleness={saved}; resume it with the "
+                         f"same value (got {k}) so that its rollouts generated ahead are trained as they were")
+    return state.get("pending_rollouts", {})
+
+
 def _postfix(m: dict[str, float]) -> dict[str, str]:
     keys = {"reward": "reward/total_mean", "acc": "reward/gsm8k_correct", "len": "completion/mean_tokens",
-            "kl": "train/kl", "s/step": "time/step", "eval": "eval/accuracy"}
+            "kl": "train/kl", "s/step": "time/step", "eval": "eval/accuracy", "generated": "offpolicy/generated_through"}
     return {k: f"{m[v]:.3g}" for k, v in keys.items() if v in m}
 
 
