@@ -285,10 +285,10 @@ def validate(cfg: Config) -> None:
     if cfg.rollout.environment and cfg.task not in (Task.grpo, Task.eval):
         raise ConfigError(f"rollout.environment={cfg.rollout.environment!r} works with task=grpo and eval only "
                           f"(got task={cfg.task.value})")
+    mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []  # this machine's CPUs
     for key, cores in {"rollout.cpu_cores": cfg.rollout.cpu_cores, "learner.cpu_cores": cfg.learner.cpu_cores}.items():
         if any(c < 0 for c in cores) or len(set(cores)) != len(cores):
             raise ConfigError(f"{key}={list(cores)}: CPU ids must be distinct and >= 0")
-        mine = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         if cores and not cfg.ray.address and mine and not set(cores) <= set(mine):
             raise ConfigError(f"{key}={list(cores)}: this machine runs on CPUs {mine}")
     if cfg.rollout.max_staleness and cfg.task != Task.grpo:
